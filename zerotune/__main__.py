@@ -1,0 +1,3 @@
+from zerotune.cli import main
+
+raise SystemExit(main())

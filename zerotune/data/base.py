@@ -1,0 +1,76 @@
+"""The in-memory data containers every source returns.
+
+A *source* (``builtin:digits``, ``idx:DIR``, ``csv:FILE`` ...) loads into a :class:`Source`:
+a train :class:`Split`, optionally its own test split, and what the model needs to know
+about the data (:class:`DataInfo`). Splitting, normalisation and batching happen later,
+on tensors, never per sample in Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Split:
+    """One split held as tensors: ``x`` (N, ...) features or token ids, ``y`` (N,) or (N, k)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def take(self, index: torch.Tensor) -> Split:
+        return Split(self.x[index], self.y[index])
+
+    def to(self, device: torch.device | str) -> Split:
+        return Split(self.x.to(device), self.y.to(device))
+
+
+@dataclass
+class DataInfo:
+    """What a model builder needs to know about the data, saved in ``model.json``.
+
+    kind: ``image`` (x is float (N, C, H, W)), ``tabular`` (float (N, F)),
+        ``sequence`` (float (N, T, F)) or ``tokens`` (long (N, T) token ids).
+    target: ``classification`` (y long class ids) or ``regression`` (y float).
+    """
+
+    kind: str
+    input_shape: list[int]
+    target: str = "classification"
+    classes: list[str] = field(default_factory=list)
+    vocab_size: int | None = None
+    pad_id: int | None = None
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.classes) if self.target == "classification" else 1
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "input_shape": list(self.input_shape),
+            "target": self.target,
+            "classes": list(self.classes),
+            "vocab_size": self.vocab_size,
+            "pad_id": self.pad_id,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DataInfo:
+        return cls(**d)
+
+
+@dataclass
+class Source:
+    """What a data spec loads: the train split, the source's own test split if it has one,
+    and the data's description. ``tokenizer`` is set for text sources (a ``tokenizers.Tokenizer``)."""
+
+    train: Split
+    info: DataInfo
+    test: Split | None = None
+    tokenizer: object | None = None

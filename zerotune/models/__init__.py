@@ -1,0 +1,31 @@
+"""Model families, one file each. ``ARCHS`` maps ``model.arch`` to (config class, builder).
+
+A builder takes the family's config and the data's :class:`~zerotune.data.base.DataInfo`
+and returns a plain ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+from pydantic import Field
+from torch import nn
+
+from zerotune.data.base import DataInfo
+from zerotune.models import mlp
+
+ARCHS = {
+    "mlp": (mlp.MLPConfig, mlp.build),
+}
+
+ModelConfig = Annotated[Union[tuple(cfg for cfg, _ in ARCHS.values())], Field(discriminator="arch")]  # noqa: UP007
+
+
+def build_model(cfg, info: DataInfo) -> nn.Module:
+    """Build the model that ``cfg`` (one of the family configs) describes for data ``info``."""
+    _, builder = ARCHS[cfg.arch]
+    return builder(cfg, info)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
