@@ -1,0 +1,211 @@
+"""Data: specs → sources → splits → normalised tensors.
+
+A data spec is ``KIND:ARG``; ``SOURCES`` maps KIND to a loader ``(arg, DataConfig) -> Source``.
+:func:`load_data` turns a config's ``data`` section into train/val/test splits:
+
+1. ``data.train`` is loaded; a source with its own test split (IDX t10k, CIFAR test_batch)
+   brings it along.
+2. test: ``data.test`` if given, else the source's own test split, else a seeded, stratified
+   ``data.test_split`` fraction of the train pool.
+3. val: ``data.val`` if given, else a seeded, stratified ``data.val_split`` fraction of what is left.
+4. Normalisation statistics (per channel for images, per feature otherwise) come from the train
+   split only, are applied once to every split, and are saved with the model.
+
+The same config and seed always rebuild exactly the same splits, which is how ``evaluate``
+finds a run's held-out test examples again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from zerotune.data.base import DataInfo, Source, Split
+from zerotune.data.builtin import load_builtin
+from zerotune.errors import ZerotuneError
+
+
+def load_arrays(arg: str, cfg=None) -> Source:
+    """``arrays:FILE.npz`` with arrays ``x`` (N, ...) and ``y`` (N,). Integer y → classification."""
+    path = Path(arg)
+    if not path.is_file():
+        raise ZerotuneError("file not found", path=path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "x" not in f or "y" not in f:
+                raise ZerotuneError(f"expected arrays 'x' and 'y', found {sorted(f.files)}", path=path)
+            x, y = f["x"], f["y"]
+    except (ValueError, OSError, EOFError) as e:
+        raise ZerotuneError(f"not a readable .npz file ({e})", path=path) from None
+    if len(x) != len(y):
+        raise ZerotuneError(f"x has {len(x)} rows but y has {len(y)}", path=path)
+    if x.dtype.kind not in "fiub" or y.dtype.kind not in "fiub":
+        raise ZerotuneError("x and y must be numeric arrays", path=path)
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    kind = {1: "tabular", 2: "sequence", 3: "image"}.get(xt.ndim - 1)
+    if kind is None:
+        raise ZerotuneError(f"x must have 2 to 4 dimensions, got shape {tuple(x.shape)}", path=path)
+    if kind == "image" and xt.ndim == 3:
+        xt = xt.unsqueeze(1)
+    if xt.ndim == 4:
+        kind = "image"
+    if y.dtype.kind in "iub":
+        labels, yi = np.unique(y, return_inverse=True)
+        info = DataInfo(kind, list(xt.shape[1:]), classes=[str(v) for v in labels])
+        return Source(Split(xt, torch.from_numpy(yi.astype(np.int64))), info)
+    info = DataInfo(kind, list(xt.shape[1:]), target="regression")
+    return Source(Split(xt, torch.from_numpy(y.astype(np.float32))), info)
+
+
+SOURCES = {
+    "builtin": load_builtin,
+    "arrays": load_arrays,
+}
+
+
+def load_source(spec: str, cfg=None) -> Source:
+    """Load one data spec (``KIND:ARG``)."""
+    kind, sep, arg = spec.partition(":")
+    if not sep or kind not in SOURCES:
+        raise ZerotuneError(f"data spec {spec!r}: expected KIND:ARG with KIND one of {', '.join(SOURCES)}")
+    return SOURCES[kind](arg, cfg)
+
+
+@dataclass
+class Preprocess:
+    """Normalisation learnt on the train split: x' = (x - x_mean) / x_std, y' = (y - y_mean) / y_std."""
+
+    x_mean: list[float] | None = None
+    x_std: list[float] | None = None
+    y_mean: float | None = None
+    y_std: float | None = None
+    channel_dim: int | None = None  # images: statistics per channel (dim 1), else per feature
+
+    def _shape(self, x: torch.Tensor) -> list[int]:
+        if self.channel_dim is not None:
+            return [1, -1] + [1] * (x.ndim - 2)
+        return [1] * (x.ndim - 1) + [-1]
+
+    def x(self, x: torch.Tensor) -> torch.Tensor:
+        if self.x_mean is None or not x.is_floating_point():
+            return x
+        shape = self._shape(x)
+        mean = torch.tensor(self.x_mean, dtype=x.dtype, device=x.device).view(shape)
+        std = torch.tensor(self.x_std, dtype=x.dtype, device=x.device).view(shape)
+        return (x - mean) / std
+
+    def y(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.y_mean is None else (y - self.y_mean) / self.y_std
+
+    def y_inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.y_mean is None else y * self.y_std + self.y_mean
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> Preprocess:
+        return cls(**(d or {}))
+
+    @classmethod
+    def fit(cls, train: Split, info: DataInfo) -> Preprocess:
+        pre = cls()
+        x = train.x
+        if x.is_floating_point() and len(x) > 1:
+            if info.kind == "image":
+                dims = [d for d in range(x.ndim) if d != 1]
+                pre.channel_dim = 1
+            else:
+                dims = list(range(x.ndim - 1))
+            pre.x_mean = x.double().mean(dims).flatten().tolist()
+            pre.x_std = x.double().std(dims).clamp_min(1e-6).flatten().tolist()
+            if info.kind == "image":  # one statistic per channel
+                pass
+        if info.target == "regression" and len(train) > 1:
+            pre.y_mean = float(train.y.double().mean())
+            pre.y_std = max(float(train.y.double().std()), 1e-6)
+        return pre
+
+    def apply(self, split: Split | None) -> Split | None:
+        return None if split is None else Split(self.x(split.x), self.y(split.y))
+
+
+@dataclass
+class Data:
+    """Ready-to-train splits (already normalised), their description and the normalisation."""
+
+    train: Split
+    val: Split | None
+    test: Split | None
+    info: DataInfo
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    tokenizer: object | None = None
+
+
+def split_off(split: Split, fraction: float, seed: int, stratify: bool) -> tuple[Split, Split | None]:
+    """Split ``fraction`` of the examples off, seeded and (for classes) stratified. Returns (rest, part)."""
+    n = len(split)
+    n_part = int(round(n * fraction))
+    if fraction <= 0 or n_part == 0:
+        return split, None
+    if n_part >= n:
+        raise ZerotuneError(f"cannot split {fraction} of {n} examples off and keep any for training")
+    from sklearn.model_selection import train_test_split
+
+    index = np.arange(n)
+    labels = split.y.numpy() if stratify else None
+    if labels is not None:
+        _, counts = np.unique(labels, return_counts=True)
+        if counts.min() < 2 or n_part < len(counts) or n - n_part < len(counts):
+            labels = None  # too few examples per class to stratify
+    rest, part = train_test_split(index, test_size=n_part, random_state=seed, stratify=labels)
+    rest.sort()
+    part.sort()
+    return split.take(torch.from_numpy(rest)), split.take(torch.from_numpy(part))
+
+
+def _check_compatible(main: Source, other: Source, spec: str) -> Split:
+    if list(other.info.input_shape) != list(main.info.input_shape) and main.info.kind != "tokens":
+        raise ZerotuneError(
+            f"data spec {spec!r}: examples have shape {other.info.input_shape}, "
+            f"but the train data has {main.info.input_shape}"
+        )
+    split = other.train
+    if main.info.target == "classification" and other.info.classes != main.info.classes:
+        # map the other source's labels onto the train label set by name
+        names = {c: i for i, c in enumerate(main.info.classes)}
+        unknown = [c for c in other.info.classes if c not in names]
+        if unknown:
+            raise ZerotuneError(f"data spec {spec!r}: labels {unknown[:5]} do not occur in the train data")
+        remap = torch.tensor([names[c] for c in other.info.classes], dtype=torch.long)
+        split = Split(split.x, remap[split.y])
+    return split
+
+
+def load_data(cfg, task: str = "classification", seed: int = 0) -> Data:
+    """Build normalised train/val/test splits from a ``DataConfig`` (see the module docstring)."""
+    source = load_source(cfg.train, cfg)
+    info = source.info
+    if task == "regression":
+        info.target = "regression"
+        if not source.train.y.is_floating_point():
+            source.train.y = source.train.y.float()
+    stratify = info.target == "classification"
+    pool = source.train
+    if cfg.test:
+        test = _check_compatible(source, load_source(cfg.test, cfg), cfg.test)
+    elif source.test is not None:
+        test = source.test
+    else:
+        pool, test = split_off(pool, cfg.test_split, seed, stratify)
+    if cfg.val:
+        val = _check_compatible(source, load_source(cfg.val, cfg), cfg.val)
+    else:
+        pool, val = split_off(pool, cfg.val_split, seed + 1, stratify)
+    if len(pool) == 0:
+        raise ZerotuneError(f"data spec {cfg.train!r}: no training examples")
+    pre = Preprocess.fit(pool, info) if cfg.normalize else Preprocess()
+    return Data(pre.apply(pool), pre.apply(val), pre.apply(test), info, pre, source.tokenizer)
