@@ -1,3 +1,22 @@
-"""zerotune: develop neural networks and language models from scratch and fine-tune them."""
+"""zerotune: develop neural networks and language models from scratch and fine-tune them.
+
+Every command-line verb is a function here::
+
+    run = zerotune.train("configs/digits_mlp.yaml", overrides=["train.epochs=5"])
+    zerotune.evaluate(run)                   # metrics dict, also RUN/eval.json
+    zerotune.predict(run, "new.csv")         # predictions CSV
+    history = zerotune.fit(model, train=(x, y), val=(xv, yv), optimizer="adam", epochs=5)
+
+(The names ``train`` and ``evaluate`` are bound to the verbs; their subpackages stay importable
+as ``from zerotune.train import loop``.)
+"""
+
+from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from zerotune.config import load_config  # noqa: E402
+from zerotune.evaluate import evaluate, predict  # noqa: E402
+from zerotune.train.api import resume, train  # noqa: E402
+
+__all__ = ["train", "resume", "evaluate", "predict", "load_config"]

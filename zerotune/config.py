@@ -129,6 +129,13 @@ class Config(Strict):
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_arch(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and isinstance(raw.get("model"), dict) and "arch" not in raw["model"]:
+            raw = {**raw, "model": {"arch": "mlp", **raw["model"]}}
+        return raw
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -227,7 +234,7 @@ def describe_error(err: dict) -> str:
     if kind == "union_tag_invalid":
         return f"{where}.arch: unknown arch {value.get('arch')!r}; choose from {', '.join(ARCHS)}"
     if kind == "union_tag_not_found":
-        return f"{where}: model.arch is required ({', '.join(ARCHS)})"
+        return f"{where}.arch: required ({', '.join(ARCHS)})"
     if kind in _EXPECTED:
         return f"{where}: {_EXPECTED[kind]}, got {value!r}"
     if kind == "literal_error":

@@ -189,10 +189,18 @@ def load_data(cfg, task: str = "classification", seed: int = 0) -> Data:
     """Build normalised train/val/test splits from a ``DataConfig`` (see the module docstring)."""
     source = load_source(cfg.train, cfg)
     info = source.info
-    if task == "regression":
-        info.target = "regression"
-        if not source.train.y.is_floating_point():
-            source.train.y = source.train.y.float()
+    if task == "regression" and info.target == "classification":
+        try:  # numeric labels read as classes (e.g. integers in a CSV) are the regression targets
+            values = torch.tensor([float(c) for c in info.classes])
+        except ValueError:
+            raise ZerotuneError(f"data spec {cfg.train!r}: task is regression but the labels are not numbers") from None
+        source.train.y = values[source.train.y]
+        if source.test is not None:
+            source.test.y = values[source.test.y]
+        info.target, info.classes = "regression", []
+    if task == "classification" and info.target == "regression":
+        raise ZerotuneError(f"data spec {cfg.train!r}: task is classification but the targets are real numbers; "
+                            "set task: regression")
     stratify = info.target == "classification"
     pool = source.train
     if cfg.test:

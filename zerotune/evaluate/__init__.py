@@ -1,0 +1,171 @@
+"""``zerotune.evaluate`` and ``zerotune.predict``: metrics for a trained run, predictions to CSV.
+
+Without ``data``, ``evaluate`` uses the run's held-out test split, rebuilt exactly from the
+run's own config: ``data.test``, else the source's own test files (IDX t10k, CIFAR
+test_batch), else the seeded ``data.test_split`` of the train pool.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zerotune.config import load_config
+from zerotune.data.base import Split
+from zerotune.errors import ZerotuneError
+from zerotune.evaluate import metrics as M
+from zerotune.run import LoadedRun, load_run
+from zerotune.train.checkpoint import atomic_write_text
+
+CLASSIFICATION_METRICS = ["accuracy", "precision", "recall", "f1", "top5_accuracy", "auroc"]
+REGRESSION_METRICS = ["mse", "mae", "r2"]
+
+
+def _external_split(loaded: LoadedRun, spec: str) -> Split:
+    """Load ``spec`` and bring it into the run's space: same normalisation, labels by name."""
+    from zerotune.data import load_source
+
+    cfg = load_config(loaded.run.config)
+    source = load_source(spec, cfg.data)
+    split = source.test if source.test is not None else source.train
+    info = loaded.info
+    if list(source.info.input_shape) != list(info.input_shape) and info.kind != "tokens":
+        raise ZerotuneError(f"data spec {spec!r}: examples have shape {source.info.input_shape}, "
+                            f"the model expects {info.input_shape}")
+    y = split.y
+    if info.target == "classification":
+        names = {c: i for i, c in enumerate(info.classes)}
+        unknown = [c for c in source.info.classes if c not in names]
+        if unknown:
+            raise ZerotuneError(f"data spec {spec!r}: labels {unknown[:5]} are not among the model's classes")
+        y = torch.tensor([names[c] for c in source.info.classes], dtype=torch.long)[y]
+    pre = loaded.preprocess
+    return Split(pre.x(split.x), pre.y(y.float()) if info.target == "regression" else y)
+
+
+def _run_split(loaded: LoadedRun, split: str) -> Split:
+    from zerotune.data import load_data
+
+    cfg = load_config(loaded.run.config)
+    data = load_data(cfg.data, cfg.task, cfg.seed)
+    chosen = {"test": data.test, "val": data.val, "train": data.train}[split]
+    if chosen is None or len(chosen) == 0:
+        raise ZerotuneError(f"the run has no {split} split (set data.{split} or data.{split}_split in its config)",
+                            path=loaded.run.root)
+    return chosen
+
+
+def evaluate(run: str | Path, data: str | None = None, split: str = "test", plots: bool = True) -> dict[str, Any]:
+    """Evaluate a run; write ``RUN/eval.json`` (and the confusion matrix plot) and return the metrics.
+
+    Classification: loss, accuracy, precision, recall, f1 (macro), top-5 accuracy, AUROC, per-class
+    scores and the confusion matrix. Regression: loss, mse, mae, r2. Always ``split`` and ``n``.
+    """
+    if split not in ("test", "val", "train"):
+        raise ZerotuneError(f"--split: expected test, val or train, got {split!r}")
+    loaded = load_run(run)
+    info = loaded.info
+    if loaded.meta["task"] not in ("classification", "regression"):
+        raise ZerotuneError(f"evaluate for task {loaded.meta['task']!r} is not available in this version")
+    examples = _external_split(loaded, data) if data else _run_split(loaded, split)
+    from zerotune.train.tasks import EVAL_BATCH
+
+    model = loaded.model
+    with torch.no_grad():
+        out = torch.cat([model(examples.x[i : i + EVAL_BATCH]).float() for i in range(0, len(examples), EVAL_BATCH)])
+    result: dict[str, Any] = {"split": data or split, "n": len(examples)}
+    if info.target == "classification":
+        y = examples.y
+        result["loss"] = float(torch.nn.functional.cross_entropy(out, y))
+        names = [m for m in CLASSIFICATION_METRICS if not (m == "auroc" and len(torch.unique(y)) < 2)]
+        result |= M.classification_metrics(out, y, names)
+        result["per_class"] = M.per_class(out, y, info.classes)
+        cm = M.confusion_matrix(out, y)
+        result["confusion_matrix"] = cm.tolist()
+        if plots:
+            plot_confusion_matrix(cm, info.classes, loaded.run.plots / "confusion_matrix.png")
+    else:
+        pre = loaded.preprocess
+        pred, y = pre.y_inverse(out.reshape(examples.y.shape)), pre.y_inverse(examples.y)
+        result["loss"] = float(torch.nn.functional.mse_loss(out.reshape(examples.y.shape), examples.y))
+        result |= M.regression_metrics(pred, y, REGRESSION_METRICS)
+    atomic_write_text(loaded.run.eval_json, json.dumps(result, indent=1))
+    return result
+
+
+def plot_confusion_matrix(cm: torch.Tensor, classes: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * k, 1 + 0.45 * k))
+    ax.imshow(cm.numpy(), cmap="Blues")
+    ax.set(xticks=range(k), yticks=range(k), xticklabels=classes, yticklabels=classes,
+           xlabel="predicted", ylabel="true", title="confusion matrix")
+    if k <= 20:
+        top = cm.max().item() or 1
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if cm[i, j] > top / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def predict(run: str | Path, input: str, output: str | Path | None = None) -> Path:
+    """Predict for every example of ``input`` (a data spec or a CSV/NPZ path); write a CSV.
+
+    Classification rows: index, predicted label, its probability. Regression: index, value.
+    """
+    loaded = load_run(run)
+    spec = input if ":" in input.split("/")[0] else _spec_for_path(input)
+    examples = _external_split_for_predict(loaded, spec)
+    with torch.no_grad():
+        out = torch.cat([loaded.model(examples[i : i + 1024]).float() for i in range(0, len(examples), 1024)])
+    output = Path(output) if output else loaded.run.root / "predictions.csv"
+    rows: list[list[Any]]
+    if loaded.info.target == "classification":
+        prob, idx = out.softmax(-1).max(-1)
+        header = ["index", "prediction", "probability"]
+        pairs = enumerate(zip(idx.tolist(), prob.tolist(), strict=True))
+        rows = [[i, loaded.info.classes[c], f"{p:.6f}"] for i, (c, p) in pairs]
+    else:
+        values = loaded.preprocess.y_inverse(out.reshape(-1))
+        header, rows = ["index", "prediction"], [[i, f"{float(v):.6g}"] for i, v in enumerate(values)]
+    with open(output, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return output
+
+
+def _spec_for_path(path: str) -> str:
+    suffix = Path(path).suffix.lower()
+    kinds = {".csv": "csv", ".npz": "arrays", ".jsonl": "jsonl"}
+    if suffix not in kinds and not Path(path).is_dir():
+        raise ZerotuneError("expected a .csv, .npz or .jsonl file, or a data spec such as images:DIR", path=path)
+    return f"{kinds.get(suffix, 'images')}:{path}"
+
+
+def _external_split_for_predict(loaded: LoadedRun, spec: str) -> torch.Tensor:
+    """Inputs only (labels, if the file has them, are ignored)."""
+    from zerotune.data import load_source
+
+    cfg = load_config(loaded.run.config)
+    data_cfg = cfg.data
+    if loaded.run.tokenizer.is_file():  # text: encode with the run's own vocabulary
+        data_cfg = data_cfg.model_copy(update={"tokenizer": str(loaded.run.tokenizer)})
+    source = load_source(spec, data_cfg)
+    x = source.train.x
+    if list(x.shape[1:]) != list(loaded.info.input_shape):
+        raise ZerotuneError(f"{spec}: examples have shape {list(x.shape[1:])}, the model expects "
+                            f"{loaded.info.input_shape}")
+    return loaded.preprocess.x(x)

@@ -1,0 +1,59 @@
+import pytest
+
+from zerotune.config import Config, load_config, parse_overrides
+from zerotune.errors import ZerotuneError
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_fill_missing_keys_only(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  epochs: 3\nmodel:\n  arch: mlp\n  hidden: [16]\n"))
+    assert cfg.train.epochs == 3 and cfg.train.batch_size == 32
+    assert cfg.model.hidden == [16] and cfg.model.activation == "relu"
+
+
+def test_overrides_are_typed():
+    cfg = load_config({}, ["train.epochs=5", "model.hidden=[8, 4]", "optim.lr=0.1", "train.compile=true"])
+    assert cfg.train.epochs == 5 and cfg.model.hidden == [8, 4] and cfg.optim.lr == 0.1 and cfg.train.compile
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train:\n  epochs: five\n", "c.yaml: train.epochs: expected an integer, got 'five'"),
+        ("train:\n  epochz: 3\n", "c.yaml: train.epochz: unknown key"),
+        ("optim:\n  lr: -1\n", "c.yaml: optim.lr: input should be greater than 0, got -1"),
+        ("model:\n  arch: nope\n", "c.yaml: model.arch: unknown arch 'nope'"),
+        ("model:\n  arch: mlp\n  hidden: [4, x]\n", "c.yaml: model.hidden[1]: expected an integer, got 'x'"),
+        ("", "c.yaml: config is empty; expected a YAML mapping"),
+        ("- 1\n- 2\n", "c.yaml: expected a YAML mapping at the top level, got list"),
+        ("train: [1\n", "c.yaml: line 2: invalid YAML"),
+        ("x: !!python/object/apply:os.system ['echo hi']\n", "c.yaml: line 1: invalid YAML"),
+        ("optim:\n  name: sgd\n  nesterov: true\n", "optim.nesterov needs optim.momentum > 0"),
+    ],
+)
+def test_bad_configs_give_one_line_naming_file_and_key(tmp_path, text, message):
+    with pytest.raises(ZerotuneError) as e:
+        load_config(write(tmp_path, text))
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_file():
+    with pytest.raises(ZerotuneError, match="nope.yaml: file not found"):
+        load_config("nope.yaml")
+
+
+def test_set_without_equals():
+    with pytest.raises(ZerotuneError, match="expected KEY=VALUE"):
+        parse_overrides(["train.epochs"])
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config({"model": {"arch": "mlp", "init": "normal(0.02)"}}, ["train.epochs=4"])
+    again = load_config(write(tmp_path, cfg.to_yaml()))
+    assert again == cfg and isinstance(again, Config)

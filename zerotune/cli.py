@@ -1,0 +1,130 @@
+"""The command line: parse arguments, call one library function per verb, nothing else.
+
+Errors in input (config, data, checkpoint, arguments) print one line on stderr and exit 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from zerotune.errors import ZerotuneError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one ZerotuneError line, not a usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ZerotuneError(f"{self.prog}: {message} (see --help)")
+
+
+def _train(a: argparse.Namespace) -> int:
+    from zerotune.train.api import train
+
+    if a.resume:
+        if a.config or a.set:
+            raise ZerotuneError("--resume continues a run with its own config.yaml; do not pass CONFIG or --set")
+        train(resume=a.resume)
+        return 0
+    if not a.config:
+        raise ZerotuneError("zerotune train: give a CONFIG file, or --resume RUN")
+    run = train(a.config, out=a.out, overwrite=a.overwrite, overrides=a.set)
+    print(f"run folder: {run}")
+    return 0
+
+
+def _evaluate(a: argparse.Namespace) -> int:
+    from zerotune.evaluate import evaluate
+
+    result = evaluate(a.run, data=a.data, split=a.split)
+    if a.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            if isinstance(v, float):
+                print(f"{k:>16}  {v:.4f}")
+            elif not isinstance(v, (list, dict)):
+                print(f"{k:>16}  {v}")
+        print(f"written: {Path(a.run) / 'eval.json'}")
+    return 0
+
+
+def _predict(a: argparse.Namespace) -> int:
+    from zerotune.evaluate import predict
+
+    print(f"predictions: {predict(a.run, a.input, a.output)}")
+    return 0
+
+
+def _demo(a: argparse.Namespace) -> int:
+    from zerotune.demo import demo
+
+    demo(out=a.out, quick=a.quick)
+    return 0
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="zerotune", description="Develop neural networks and language models from scratch "
+               "and fine-tune them.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
+
+    s = sub.add_parser("demo", help="the offline end-to-end tour (writes runs/demo/)")
+    s.add_argument("--out", default="runs/demo", help="folder for the demo runs (replaced each time)")
+    s.add_argument("--quick", action="store_true", help="a shorter tour (fewer steps)")
+    s.set_defaults(fn=_demo)
+
+    s = sub.add_parser("train", help="train a model from a config, or resume a run",
+                       description="Train from a YAML config into a run folder. Example: "
+                       "zerotune train configs/digits_mlp.yaml --set train.epochs=5 --out runs/mlp")
+    s.add_argument("config", nargs="?", help="YAML config file (see configs/)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    s.add_argument("--out", help="run folder (default runs/<config name>)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    s.add_argument("--resume", metavar="RUN", help="continue RUN from its latest good checkpoint")
+    s.set_defaults(fn=_train)
+
+    s = sub.add_parser("evaluate", help="metrics of a trained run on its test split or other data",
+                       description="Writes RUN/eval.json and RUN/plots/confusion_matrix.png.")
+    s.add_argument("run", help="run folder")
+    s.add_argument("--data", metavar="SPEC", help="evaluate on this data spec instead of the run's own split")
+    s.add_argument("--split", default="test", choices=["test", "val", "train"], help="the run's split (default test)")
+    s.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    s.set_defaults(fn=_evaluate)
+
+    s = sub.add_parser("predict", help="predictions of a classifier/regressor as CSV")
+    s.add_argument("run", help="run folder")
+    s.add_argument("--input", required=True, help="a .csv/.npz/.jsonl file or a data spec")
+    s.add_argument("--output", help="CSV to write (default RUN/predictions.csv)")
+    s.set_defaults(fn=_predict)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        if not getattr(args, "fn", None):
+            build_parser().print_help()
+            return 2
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"
+            return args.fn(args)
+    except ZerotuneError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

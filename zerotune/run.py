@@ -1,0 +1,147 @@
+"""The run folder: everything about one run in one place.
+
+    config.yaml          the fully resolved config
+    checkpoints/         step-NNNNNN/ (latest few) and best/, atomic (see zerotune.train.checkpoint)
+    model.safetensors    final weights
+    model.json           what rebuilds the model: task, model config, data description,
+                         normalisation, label names
+    tokenizer.json       for text models
+    metrics.jsonl        one object per logged step
+    tb/                  TensorBoard events
+    eval.json, plots/, report.md
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from zerotune.errors import ZerotuneError
+from zerotune.train.checkpoint import atomic_write_text, load_state_dict_checked, load_weights, save_weights
+
+
+@dataclass(frozen=True)
+class Run:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def weights(self) -> Path:
+        return self.root / "model.safetensors"
+
+    @property
+    def model_json(self) -> Path:
+        return self.root / "model.json"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    @property
+    def eval_json(self) -> Path:
+        return self.root / "eval.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+
+def create_run(out: str | Path, overwrite: bool = False) -> Run:
+    """Make a new run folder. An existing non-empty folder is replaced only with ``overwrite``."""
+    root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise ZerotuneError("exists and is not a folder", path=root)
+    if root.is_dir() and any(root.iterdir()):
+        if not overwrite:
+            raise ZerotuneError("run folder already exists; pass --overwrite to replace it or --out to choose another",
+                                path=root)
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    return Run(root)
+
+
+def open_run(path: str | Path) -> Run:
+    """An existing run folder (it must hold config.yaml)."""
+    run = Run(Path(path))
+    if not run.root.is_dir():
+        raise ZerotuneError("run folder not found", path=run.root)
+    if not run.config.is_file():
+        raise ZerotuneError("not a run folder (config.yaml is missing)", path=run.root)
+    return run
+
+
+def save_model(run: Run, model: nn.Module, meta: dict[str, Any]) -> None:
+    """Final weights + model.json (written last, so model.json means the weights are complete)."""
+    save_weights(run.weights, model.state_dict(), metadata={"format": "pt"})
+    atomic_write_text(run.model_json, json.dumps(meta, indent=1))
+
+
+def read_model_json(run: Run) -> dict[str, Any]:
+    if not run.model_json.is_file():
+        raise ZerotuneError("run has no final model yet (model.json missing); train it to the end or resume it",
+                            path=run.root)
+    try:
+        meta = json.loads(run.model_json.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ZerotuneError(f"unreadable JSON ({e})", path=run.model_json) from None
+    for key in ("task", "model", "data_info"):
+        if key not in meta:
+            raise ZerotuneError(f"key {key!r} is missing", path=run.model_json)
+    return meta
+
+
+@dataclass
+class LoadedRun:
+    run: Run
+    model: nn.Module
+    meta: dict[str, Any]
+    info: Any
+    preprocess: Any
+    tokenizer: Any = None
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
+    """Rebuild a run's final model (eval mode) with its data description and normalisation."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from zerotune.config import describe_error
+    from zerotune.data import Preprocess
+    from zerotune.data.base import DataInfo
+    from zerotune.models import ModelConfig, build_model
+
+    run = open_run(path)
+    meta = read_model_json(run)
+    try:
+        cfg = TypeAdapter(ModelConfig).validate_python(meta["model"])
+    except ValidationError as e:
+        raise ZerotuneError(f"model: {describe_error(e.errors()[0])}", path=run.model_json) from None
+    info = DataInfo.from_dict(meta["data_info"])
+    model = build_model(cfg, info)
+    load_state_dict_checked(model, load_weights(run.weights), run.weights)
+    tokenizer = None
+    if run.tokenizer.is_file():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(run.tokenizer))
+    return LoadedRun(run, model.to(device).eval(), meta, info, Preprocess.from_dict(meta.get("preprocess")), tokenizer)

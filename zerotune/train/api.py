@@ -1,0 +1,99 @@
+"""The train verb: a config in, a run folder out (or an existing run resumed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zerotune.config import Config, load_config
+from zerotune.errors import ZerotuneError
+from zerotune.run import Run, create_run, open_run, read_model_json, save_model
+from zerotune.train import checkpoint as ckpt
+from zerotune.train.checkpoint import atomic_write_text
+from zerotune.train.loop import pick_device, seed_everything, train_loop
+
+
+def make_task(cfg: Config, device: torch.device):
+    """Load the data and build the task object the loop trains on."""
+    if cfg.task in ("classification", "regression"):
+        from zerotune.data import load_data
+        from zerotune.train.tasks import SupervisedTask
+
+        data = load_data(cfg.data, cfg.task, cfg.seed)
+        return SupervisedTask(data, batch_size=cfg.train.batch_size, seed=cfg.seed, loss=cfg.train.loss,
+                              label_smoothing=cfg.train.label_smoothing, metrics=cfg.train.metrics,
+                              augment=cfg.data.augment, device=device)
+    raise ZerotuneError(f"task {cfg.task!r} is not available in this version")
+
+
+def default_out(config: Any) -> Path:
+    name = Path(config).stem if isinstance(config, (str, Path)) else "run"
+    return Path("runs") / name
+
+
+def train(config: str | Path | dict | Config | None = None, *, out: str | Path | None = None,
+          overwrite: bool = False, resume: str | Path | None = None, overrides: list[str] | dict | None = None,
+          log=print) -> Path:
+    """Train from a config (a YAML path, a mapping or a Config) into a run folder; return its path.
+
+    Args:
+        config: the config; ignored with ``resume``.
+        out: the run folder (default ``runs/<config name>``); an existing one needs ``overwrite``.
+        resume: a run folder to continue from its latest good checkpoint (its own config.yaml).
+        overrides: ``["train.epochs=3", ...]`` or ``{"train.epochs": 3}``.
+
+    Example:
+        >>> run = zerotune.train("configs/digits_mlp.yaml", overrides=["train.epochs=2"], out="runs/x")
+    """
+    from zerotune.models import build_model
+
+    if resume is not None:
+        run = open_run(resume)
+        cfg = load_config(run.config)
+        if run.model_json.is_file() and read_model_json(run).get("finished"):
+            log(f"{run.root}: the run already finished; nothing to do")
+            return run.root
+        start = ckpt.latest_checkpoint(run.checkpoints)
+        log(f"resuming {run.root} from {start.name}" if start
+            else f"{run.root}: no checkpoint yet; starting from step 0")
+    else:
+        cfg = load_config(config, overrides)
+        start, run = None, None
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.train.device)
+    task = make_task(cfg, device)  # validates the data before any folder is touched
+    model = build_model(cfg.model, task.info).to(device)
+    if run is None:
+        run = create_run(out or default_out(config), overwrite)
+        atomic_write_text(run.config, cfg.to_yaml())
+    if task.data.tokenizer is not None and hasattr(task.data.tokenizer, "save"):
+        task.data.tokenizer.save(str(run.tokenizer))
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"{cfg.model.arch}: {n_params:,} parameters · {len(task.data.train):,} training examples · "
+        f"{task.steps_per_epoch} steps/epoch · device {device}")
+    state = train_loop(model, task, cfg, checkpoints=run.checkpoints, metrics_path=run.metrics, device=device,
+                       resume=start, log=log)
+    meta = {"format": "zerotune", "version": 1, "task": cfg.task, "model": cfg.model.model_dump(mode="json"),
+            "data_info": task.info.to_dict(), "preprocess": task.data.preprocess.to_dict(), "seed": cfg.seed,
+            "step": state.step, "best_step": state.best_step, "finished": True}
+    save_model(run, model, meta)
+    _finish(run, cfg, task, model, log)
+    return run.root
+
+
+def _finish(run: Run, cfg: Config, task, model, log) -> None:
+    """After training: test metrics, plots and the report (the evaluation module owns these)."""
+    from zerotune.evaluate.report import write_training_report
+
+    write_training_report(run, cfg, task, model, log=log)
+
+
+def resume(run: str | Path, log=print) -> Path:
+    return train(resume=run, log=log)
+
+
+__all__ = ["train", "resume", "make_task"]

@@ -1,0 +1,240 @@
+"""Checkpoint I/O, in one place: atomic, checksummed, resumable.
+
+Layout of ``RUN/checkpoints/``::
+
+    step-000600/weights.safetensors   model weights
+    step-000600/state.pt              optimizer, scheduler, RNG states, loop counters, config
+    step-000600/manifest.json         step and the SHA-256 of each file above (written last)
+    best/                             the same three files for the best evaluation so far
+
+A checkpoint folder is written under a temporary name, every file and the folder are
+fsynced, and only then renamed into place, so a crash (or a full disk) at any moment leaves
+the previous checkpoints intact. Loading verifies the manifest's checksums and falls back to
+the newest checkpoint that verifies, with a warning. ``state.pt`` holds only tensors and
+plain Python values and is read with ``torch.load(weights_only=True)``: it cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from zerotune.errors import ZerotuneError
+
+WEIGHTS, STATE, MANIFEST = "weights.safetensors", "state.pt", "manifest.json"
+
+
+# ---------------------------------------------------------------- files
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Write ``path`` by calling ``write(tmp_path)``, fsync, then rename over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
+
+
+def _unshare(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied embeddings): copy the later ones."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for k, v in state_dict.items():
+        v = v.detach()
+        key = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else (id(v), 0)
+        out[k] = v.clone().contiguous() if key in seen else v.contiguous()
+        seen.add(key)
+    return out
+
+
+def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Save a state dict as safetensors, atomically."""
+    tensors = {k: v.cpu() for k, v in _unshare(state_dict).items()}
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
+
+
+def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load a safetensors file; a missing, truncated or malformed file is a ZerotuneError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ZerotuneError("weights file not found", path=path)
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ZerotuneError(f"not a readable safetensors file ({str(e).splitlines()[0]})", path=path) from None
+
+
+def load_state_dict_checked(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: object) -> None:
+    """``model.load_state_dict`` whose failures name the first offending tensor in one line."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    if missing:
+        raise ZerotuneError(f"tensor {missing[0]!r} is missing ({len(missing)} missing in all)", path=source)
+    if unexpected:
+        raise ZerotuneError(f"unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)", path=source)
+    for k, v in weights.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ZerotuneError(
+                f"tensor {k!r} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}", path=source
+            )
+    model.load_state_dict(weights)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random state a run touches, as tensors and plain values (weights_only-safe)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(("MT19937", state["numpy"]["keys"].numpy().astype(np.uint32), state["numpy"]["pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def save_checkpoint(
+    root: str | Path,
+    name: str,
+    weights: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    keep_last: int | None = None,
+) -> Path:
+    """Write checkpoint ``root/name`` atomically; with ``keep_last``, prune older step folders."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        save_file({k: v.cpu() for k, v in _unshare(weights).items()}, str(tmp / WEIGHTS))
+        torch.save(state, tmp / STATE)
+        for f in (WEIGHTS, STATE):
+            with open(tmp / f, "rb+") as fh:
+                os.fsync(fh.fileno())
+        manifest = {"step": state.get("train", {}).get("step"), "files": {f: sha256(tmp / f) for f in (WEIGHTS, STATE)}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        with open(tmp / MANIFEST, "rb+") as fh:
+            os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        final = root / name
+        old = root / f".old-{name}-{os.getpid()}"
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+        fsync_dir(root)
+        if old.exists():
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep_last:
+        for stale in step_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(stale, ignore_errors=True)
+    return root / name
+
+
+def step_checkpoints(root: str | Path) -> list[Path]:
+    """Step checkpoint folders, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def verify(folder: Path) -> str | None:
+    """None if the checkpoint folder is complete and its checksums match, else the problem."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        for f, digest in manifest["files"].items():
+            if sha256(folder / f) != digest:
+                return f"{f} does not match its checksum"
+    except FileNotFoundError as e:
+        return f"{Path(e.filename).name} is missing"
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        return f"{MANIFEST} is unreadable"
+    return None
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest step checkpoint that verifies; warns about each newer one that does not."""
+    for folder in reversed(step_checkpoints(root)):
+        problem = verify(folder)
+        if problem is None:
+            return folder
+        warnings.warn(f"{folder}: {problem}; falling back to the previous checkpoint", stacklevel=2)
+    return None
+
+
+def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """Load (weights, state) from a checkpoint folder, verifying it first."""
+    folder = Path(folder)
+    problem = verify(folder)
+    if problem:
+        raise ZerotuneError(f"checkpoint is damaged: {problem}", path=folder)
+    weights = load_weights(folder / WEIGHTS, device)
+    try:
+        state = torch.load(folder / STATE, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError) as e:
+        raise ZerotuneError(f"{STATE} cannot be loaded safely ({str(e).splitlines()[0]})", path=folder) from None
+    return weights, state

@@ -1,0 +1,272 @@
+"""The training loop: one function, read top to bottom.
+
+For each optimizer step s (until train.epochs or train.max_steps, whichever comes first):
+
+    x, y   = task.batch(s)                         the step's whole batch (pure function of seed, s)
+    L      = Σ_micro task.loss(model(x_m), y_m) / |batch|   over train.grad_accum micro-batches
+    ∇L     → non-finite check → clip to train.grad_clip → optimizer step → schedule step
+    log every train.log_every steps; evaluate every train.eval_every steps (or each epoch),
+    track the best value of early_stopping.metric, checkpoint, stop early on no improvement.
+
+Because micro-batch losses are summed and divided by the full batch size, the update is the
+same whatever train.grad_accum is (up to float rounding), and the same on N processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from zerotune.config import Config
+from zerotune.errors import Interrupted, RunFailed, ZerotuneError
+from zerotune.train import checkpoint as ckpt
+from zerotune.train.optim import make_optimizer, make_scheduler
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ZerotuneError("train.device: cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast_for(device: torch.device, precision: str):
+    if device.type == "cuda" and precision in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if precision == "bf16" and device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class LoopState:
+    """Counters saved in every checkpoint (with the optimizer, scheduler and RNG states)."""
+
+    step: int = 0
+    best_value: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    skips: int = 0
+    stopped_early: bool = False
+    window_loss: float = 0.0  # train loss summed since the last log line
+    window_steps: int = 0
+    history: list[dict] = field(default_factory=list)  # evaluation results, one per evaluation
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one object per step that logged or evaluated) and TensorBoard scalars."""
+
+    def __init__(self, path: Path | None, resume_step: int = 0, tensorboard: bool = True) -> None:
+        self.path, self.writer = path, None
+        if path is None:
+            return
+        if path.exists():  # resuming: drop lines past the checkpoint so no step appears twice
+            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            ckpt.atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(path.parent / "tb"), purge_step=resume_step + 1 if resume_step else None)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.writer.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step (then it checkpoints)."""
+    caught: list[int] = []
+    handler = lambda signum, frame: caught.append(signum)
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield caught
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None = None,
+               metrics_path: Path | None = None, device: torch.device | None = None,
+               resume: Path | None = None, log=print) -> LoopState:
+    """Train ``model`` on ``task`` as ``cfg.train`` says. Returns the final loop state.
+
+    With ``checkpoints`` set, checkpoints are written there (latest + best); with ``resume``
+    (a checkpoint folder), the run continues exactly where that checkpoint left it.
+    """
+    t = cfg.train
+    device = device or next(model.parameters()).device
+    steps_per_epoch = task.steps_per_epoch
+    total = min(t.epochs * steps_per_epoch if t.epochs else math.inf, t.max_steps or math.inf)
+    optimizer = make_optimizer(model, cfg.optim, device)
+    scheduler = make_scheduler(optimizer, cfg.schedule, int(total))
+    state = LoopState()
+    if resume is not None:
+        weights, saved = ckpt.load_checkpoint(resume, device)
+        ckpt.load_state_dict_checked(model, weights, resume)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = LoopState(**saved["loop"])
+        ckpt.set_rng_state(saved["rng"])
+    forward = torch.compile(model) if t.compile else model
+    early = t.early_stopping
+    micro = math.ceil(t.batch_size / t.grad_accum)
+    logger = MetricsLog(metrics_path, state.step, tensorboard=metrics_path is not None)
+    bar = None
+    if t.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=int(total), initial=state.step, unit="step", dynamic_ncols=True, leave=False)
+
+    def save(name: str | None = None) -> None:
+        if checkpoints is None:
+            return
+        saved = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "loop": state.__dict__, "rng": ckpt.rng_state(), "config": cfg.to_dict()}
+        ckpt.save_checkpoint(checkpoints, name or ckpt.step_name(state.step), model.state_dict(), saved,
+                             keep_last=t.keep_last if name is None else None)
+
+    if early and not task.has_val:
+        raise ZerotuneError("train.early_stopping needs a validation split: set data.val or data.val_split > 0")
+    best_weights = None
+    model.train()
+    window_samples, window_start = 0, time.perf_counter()
+    with stop_signals() as caught:
+        while state.step < total and not state.stopped_early:
+            step = state.step
+            x, y = task.batch(step)
+            n = len(y)
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = torch.zeros((), device=device)
+            for i in range(0, n, micro):
+                with autocast_for(device, t.precision):
+                    out = forward(x[i : i + micro])
+                loss = task.loss(out, y[i : i + micro]) / n
+                loss.backward()
+                loss_sum += loss.detach()
+            loss_value = float(loss_sum)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf)
+            if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
+                what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+                if t.on_nonfinite == "skip" and state.skips < t.max_skips:
+                    state.skips += 1
+                    log(f"warning: step {step}: non-finite {what}; update skipped ({state.skips}/{t.max_skips})")
+                    optimizer.zero_grad(set_to_none=True)
+                    state.step += 1
+                    scheduler.step()
+                    continue
+                raise RunFailed(
+                    f"step {step}: the {what} is not finite (loss={loss_value}); the learning rate "
+                    f"({scheduler.get_last_lr()[0]:.3g}) may be too high or the input may hold NaN/inf values; "
+                    "the last good checkpoint is kept"
+                )
+            optimizer.step()
+            scheduler.step()
+            state.step += 1
+            state.window_loss += loss_value
+            state.window_steps += 1
+            window_samples += n
+
+            record: dict[str, Any] = {}
+            end_of_epoch = state.step % steps_per_epoch == 0
+            if state.step % t.log_every == 0 or state.step >= total:
+                elapsed = time.perf_counter() - window_start
+                record |= {"loss": state.window_loss / state.window_steps,
+                           "lr": scheduler.get_last_lr()[0],
+                           f"{task.unit}_per_sec": window_samples * task.units_per_example / max(elapsed, 1e-9)}
+                record |= task.extra_log(record)
+                state.window_loss, state.window_steps = 0.0, 0
+                window_samples, window_start = 0, time.perf_counter()
+            evaluate_now = (state.step % t.eval_every == 0) if t.eval_every else end_of_epoch
+            if (evaluate_now or state.step >= total) and task.has_val:
+                result = {f"val_{k}": v for k, v in task.evaluate_val(model).items()}
+                record |= result
+                state.history.append({"step": state.step, **result})
+                metric = early.metric if early else "val_loss"
+                if metric not in result:
+                    raise ZerotuneError(f"train.early_stopping.metric: {metric!r} is not computed; "
+                                        f"choose from {', '.join(result)}")
+                mode = early.mode if early else "min"
+                if improved(result[metric], state.best_value, mode, early.min_delta if early else 0.0):
+                    state.best_value, state.best_step, state.bad_evals = result[metric], state.step, 0
+                    save("best")
+                    if checkpoints is None and early and early.restore_best:
+                        best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                else:
+                    state.bad_evals += 1
+                    if early and state.bad_evals >= early.patience:
+                        state.stopped_early = True
+                        log(f"early stopping at step {state.step}: {metric} has not improved for "
+                            f"{early.patience} evaluations (best {state.best_value:.4g} at step {state.best_step})")
+                if not t.checkpoint_every:
+                    save()
+            if t.checkpoint_every and state.step % t.checkpoint_every == 0:
+                save()
+            if record:
+                logger.write({"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), **record})
+                if bar is not None:
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in
+                                     ("loss", "val_loss", "val_accuracy", "samples_per_sec", "tokens_per_sec")})
+            if bar is not None:
+                bar.update(1)
+            if caught:
+                save()
+                logger.close()
+                code = 128 + caught[0]
+                raise Interrupted(f"stopped by signal at step {state.step}; checkpoint saved, "
+                                  "continue with: zerotune train --resume RUN", code)
+    if checkpoints is not None and not (ckpt.step_checkpoints(checkpoints)
+                                        and ckpt.step_checkpoints(checkpoints)[-1].name == ckpt.step_name(state.step)):
+        save()
+    if bar is not None:
+        bar.close()
+    logger.close()
+    if early and early.restore_best and state.best_step is not None and state.best_step != state.step:
+        weights = ckpt.load_checkpoint(checkpoints / "best", device)[0] if checkpoints is not None else best_weights
+        if weights is not None:
+            model.load_state_dict(weights)
+            log(f"restored the best weights (step {state.best_step}, {early.metric} {state.best_value:.4g})")
+    return state
