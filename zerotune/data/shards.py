@@ -3,7 +3,8 @@
 :func:`prepare` streams the documents of a text spec once:
 
 1. Unicode NFC normalisation, then length filters (``min_chars`` ≤ len ≤ ``max_chars``);
-2. exact duplicates dropped by content hash (BLAKE2b, 128 bits);
+2. exact duplicates dropped by content hash (BLAKE2b, 128 bits; the only state that grows with
+   the corpus is this set of hashes, about 100 bytes per document);
 3. each document goes to ``val`` when ``h(seed, text) / 2**64 < val_fraction``, else to ``train``:
    the split depends on the document's content alone, never on its position in the corpus.
    When that leaves val empty, the last train document moves to val (given two or more);
