@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from zerotune.data.shards import ShardDataset, prepare
 from zerotune.data.tokenizer import train_tokenizer
@@ -193,6 +193,20 @@ def test_uint32_for_a_vocabulary_beyond_uint16(tmp_path):
     )
     assert json.loads((tmp_path / "o16" / "index.json").read_text())["dtype"] == "uint16"
     assert read_split(tmp_path / "o16", "train").tolist() == [65_534, 0, 65_534, 65_535]
+
+
+def test_foreign_truncation_padding_and_post_processor_are_ignored(tmp_path):
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "a": 4, "b": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tok.enable_truncation(max_length=3)  # as BERT-style tokenizer.json files ship
+    tok.enable_padding(length=8)
+    spec = write_jsonl(tmp_path / "c.jsonl", ["a b a b a", "b"])
+    prepare(spec, tok, tmp_path / "out", val_fraction=0, progress=False)
+    assert read_split(tmp_path / "out", "train").tolist() == [4, 5, 4, 5, 4, 3, 5, 3]  # [SEP] is eos
 
 
 @pytest.fixture
