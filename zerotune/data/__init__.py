@@ -25,6 +25,7 @@ import torch
 
 from zerotune.data.base import DataInfo, Source, Split
 from zerotune.data.builtin import load_builtin
+from zerotune.data.idx import load_idx
 from zerotune.errors import ZerotuneError
 
 
@@ -63,6 +64,7 @@ def load_arrays(arg: str, cfg=None) -> Source:
 SOURCES = {
     "builtin": load_builtin,
     "arrays": load_arrays,
+    "idx": load_idx,
 }
 
 
