@@ -21,8 +21,11 @@ def write_idx(
     labels = np.asarray(labels, dtype=np.uint8)
     n, h, w = images.shape
     blobs = {
-        f"{prefix}-images-idx3-ubyte": b"\x00\x00\x08\x03" + np.array([n, h, w], ">u4").tobytes() + images.tobytes(),
-        f"{prefix}-labels-idx1-ubyte": b"\x00\x00\x08\x01" + np.array([len(labels)], ">u4").tobytes()
+        f"{prefix}-images-idx3-ubyte": b"\x00\x00\x08\x03"
+        + np.array([n, h, w], ">u4").tobytes()
+        + images.tobytes(),
+        f"{prefix}-labels-idx1-ubyte": b"\x00\x00\x08\x01"
+        + np.array([len(labels)], ">u4").tobytes()
         + labels.tobytes(),
     }
     paths = []

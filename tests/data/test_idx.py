@@ -81,7 +81,9 @@ def test_bad_magic(tmp_path):
 def test_wrong_dimensions(tmp_path):
     x, y = _images()
     images, labels = write_idx(tmp_path, x, y, gz=False)
-    with pytest.raises(ZerotuneError, match=r"train-labels-idx1-ubyte: magic number 0x00000801: 1 dimensions"):
+    with pytest.raises(
+        ZerotuneError, match=r"train-labels-idx1-ubyte: magic number 0x00000801: 1 dimensions"
+    ):
         read_idx(labels, ndim=3)
 
 

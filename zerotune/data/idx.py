@@ -50,7 +50,9 @@ def read_idx(path: str | Path, ndim: int | None = None) -> np.ndarray:
     except (OSError, EOFError, zlib.error) as e:
         raise ZerotuneError(f"cannot read the file ({e})", path=path) from None
     if len(raw) < 4:
-        raise ZerotuneError(f"header: file has {len(raw)} bytes, too short for the 4-byte magic number", path=path)
+        raise ZerotuneError(
+            f"header: file has {len(raw)} bytes, too short for the 4-byte magic number", path=path
+        )
     zero, code, dims = int.from_bytes(raw[:2], "big"), raw[2], raw[3]
     if zero != 0 or code not in DTYPES or dims == 0:
         magic = int.from_bytes(raw[:4], "big")
@@ -61,7 +63,8 @@ def read_idx(path: str | Path, ndim: int | None = None) -> np.ndarray:
         )
     if ndim is not None and dims != ndim:
         raise ZerotuneError(
-            f"magic number 0x{int.from_bytes(raw[:4], 'big'):08x}: {dims} dimensions, expected {ndim}", path=path
+            f"magic number 0x{int.from_bytes(raw[:4], 'big'):08x}: {dims} dimensions, expected {ndim}",
+            path=path,
         )
     header = 4 + 4 * dims
     if len(raw) < header:
@@ -72,7 +75,8 @@ def read_idx(path: str | Path, ndim: int | None = None) -> np.ndarray:
     if len(raw) != expected:
         what = "truncated" if len(raw) < expected else "has trailing bytes"
         raise ZerotuneError(
-            f"dims {list(shape)}: {what}, the header needs {expected} bytes but the file has {len(raw)}", path=path
+            f"dims {list(shape)}: {what}, the header needs {expected} bytes but the file has {len(raw)}",
+            path=path,
         )
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
 
@@ -116,7 +120,7 @@ def load_idx(arg: str, cfg=None) -> Source:
         test = _load_pair(found["t10k", "images"], found["t10k", "labels"])
         if test.x.shape[1:] != train.x.shape[1:]:
             raise ZerotuneError(
-                f"dims: test images are {list(test.x.shape[2:])} but train images are {list(train.x.shape[2:])}",
+                f"dims: test images are {list(test.x.shape[2:])}, train images {list(train.x.shape[2:])}",
                 path=found["t10k", "images"],
             )
     top = int(train.y.max()) if len(train) else 0
