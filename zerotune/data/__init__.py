@@ -25,6 +25,7 @@ import torch
 
 from zerotune.data.base import DataInfo, Source, Split
 from zerotune.data.builtin import load_builtin
+from zerotune.data.cifar import load_cifar
 from zerotune.data.idx import load_idx
 from zerotune.errors import ZerotuneError
 
@@ -65,6 +66,7 @@ SOURCES = {
     "builtin": load_builtin,
     "arrays": load_arrays,
     "idx": load_idx,
+    "cifar": load_cifar,
 }
 
 
