@@ -27,6 +27,7 @@ from zerotune.data.base import DataInfo, Source, Split
 from zerotune.data.builtin import load_builtin
 from zerotune.data.cifar import load_cifar
 from zerotune.data.idx import load_idx
+from zerotune.data.tabular import load_csv, load_jsonl
 from zerotune.errors import ZerotuneError
 
 
@@ -67,6 +68,8 @@ SOURCES = {
     "arrays": load_arrays,
     "idx": load_idx,
     "cifar": load_cifar,
+    "csv": load_csv,
+    "jsonl": load_jsonl,
 }
 
 
