@@ -27,6 +27,7 @@ from zerotune.data.base import DataInfo, Source, Split
 from zerotune.data.builtin import load_builtin
 from zerotune.data.cifar import load_cifar
 from zerotune.data.idx import load_idx
+from zerotune.data.images import load_images
 from zerotune.data.tabular import load_csv, load_jsonl
 from zerotune.errors import ZerotuneError
 
@@ -70,6 +71,7 @@ SOURCES = {
     "cifar": load_cifar,
     "csv": load_csv,
     "jsonl": load_jsonl,
+    "images": load_images,
 }
 
 
