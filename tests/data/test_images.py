@@ -75,3 +75,11 @@ def test_errors(tmp_path):
     (tmp_path / "cls" / "broken.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(ZerotuneError, match=r"cls/broken.png: cannot read the image"):
         load_source(f"images:{tmp_path}")
+
+
+def test_sixteen_bit_greyscale_is_scaled(tmp_path):
+    (tmp_path / "c").mkdir()
+    wide = np.array([[0, 257, 65535], [514, 1028, 32896]], dtype=np.uint16)
+    Image.fromarray(wide).save(tmp_path / "c" / "w.png")
+    x = load_source(f"images:{tmp_path}").train.x
+    torch.testing.assert_close(x[0, 0], torch.tensor([[0.0, 1.0, 255.0], [2.0, 4.0, 128.0]]), rtol=0, atol=0)

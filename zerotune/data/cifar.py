@@ -15,12 +15,16 @@ from __future__ import annotations
 import codecs
 import pickle
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from zerotune.data.base import DataInfo, Source, Split
 from zerotune.errors import ZerotuneError
+
+if TYPE_CHECKING:
+    from zerotune.config import DataConfig
 
 try:  # numpy >= 2
     from numpy._core import multiarray as _multiarray
@@ -66,7 +70,15 @@ def load_pickle(path: Path) -> object:
     try:
         with open(path, "rb") as f:
             return NumpyUnpickler(f, path).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+    ) as e:
         raise ZerotuneError(f"not a readable CIFAR pickle ({type(e).__name__}: {e})", path=path) from None
     except OSError as e:
         raise ZerotuneError(f"cannot read the file ({e})", path=path) from None
@@ -116,7 +128,7 @@ def _label_names(path: Path) -> list[str] | None:
     return [str(_text(n)) for n in names]
 
 
-def load_cifar(arg: str, cfg=None) -> Source:
+def load_cifar(arg: str, cfg: DataConfig | None = None) -> Source:
     """``cifar:DIR`` → Source with the data batches as train and ``test_batch`` as test."""
     root = Path(arg)
     if not root.is_dir():

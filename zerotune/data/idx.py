@@ -17,12 +17,16 @@ from __future__ import annotations
 import gzip
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from zerotune.data.base import DataInfo, Source, Split
 from zerotune.errors import ZerotuneError
+
+if TYPE_CHECKING:
+    from zerotune.config import DataConfig
 
 # IDX type code → big-endian numpy dtype
 DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -105,7 +109,7 @@ def _load_pair(images_path: Path, labels_path: Path) -> Split:
     return Split(x, y)
 
 
-def load_idx(arg: str, cfg=None) -> Source:
+def load_idx(arg: str, cfg: DataConfig | None = None) -> Source:
     """``idx:DIR`` → Source with the train files and, when present, the t10k files as test."""
     root = Path(arg)
     if not root.is_dir():

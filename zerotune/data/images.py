@@ -12,6 +12,7 @@ channel when every image is greyscale, else as RGB. x is float32 (N, C, H, W), 0
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,8 +21,11 @@ from PIL import Image, UnidentifiedImageError
 from zerotune.data.base import DataInfo, Source, Split
 from zerotune.errors import ZerotuneError
 
+if TYPE_CHECKING:
+    from zerotune.config import DataConfig
+
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
-GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
 def _read(path: Path) -> Image.Image:
@@ -43,7 +47,7 @@ def _is_grey(img: Image.Image) -> bool:
     return False
 
 
-def load_images(arg: str, cfg=None) -> Source:
+def load_images(arg: str, cfg: DataConfig | None = None) -> Source:
     """``images:DIR`` → Source of float32 (N, C, H, W) images and their class ids."""
     root = Path(arg)
     if not root.is_dir():
@@ -65,8 +69,10 @@ def load_images(arg: str, cfg=None) -> Source:
     mode = "L" if grey else "RGB"
     arrays = []
     for img in images:
-        if img.mode in ("I", "I;16", "F"):  # wide greyscale: clip to 0..255 like 8-bit images
-            img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float32), 0, 255).astype(np.uint8))
+        if img.mode.startswith("I;16"):  # 16-bit greyscale: 0..65535 → 0..255
+            img = Image.fromarray((np.asarray(img, dtype=np.float32) / 257).round().astype(np.uint8))
+        elif img.mode in ("I", "F"):  # 32-bit greyscale: clip to the 8-bit range
+            img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float32), 0, 255).round().astype(np.uint8))
         img = img.convert(mode)
         if img.size != size:
             img = img.resize(size, Image.Resampling.BILINEAR)

@@ -25,6 +25,7 @@ import csv
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 from zerotune.data.base import DataInfo, Source, Split
 from zerotune.errors import ZerotuneError
+
+if TYPE_CHECKING:
+    from zerotune.config import DataConfig
 
 PAD, UNK = "[PAD]", "[UNK]"
 PAD_CANDIDATES = (PAD, "<pad>", "<|pad|>", "<|padding|>", "</s>", "<|endoftext|>")
@@ -95,7 +99,7 @@ def encode_texts(tok: Tokenizer, texts: list[str], max_length: int, pad_id: int)
 # ---------------------------------------------------------------- reading tables
 
 
-def _cfg(cfg):
+def _cfg(cfg: DataConfig | None) -> DataConfig:
     if cfg is None:
         from zerotune.config import DataConfig  # late: zerotune.config imports the model zoo
 
@@ -228,7 +232,7 @@ def parse_labels(
 
 
 def table_source(
-    header: list[str], rows: list[list[object]], lines: list[int], path: Path, cfg=None
+    header: list[str], rows: list[list[object]], lines: list[int], path: Path, cfg: DataConfig | None = None
 ) -> Source:
     """Turn a parsed table into a Source (numeric features or text, see the module docstring)."""
     cfg = _cfg(cfg)
@@ -284,14 +288,14 @@ def _file(arg: str) -> Path:
     return path
 
 
-def load_csv(arg: str, cfg=None) -> Source:
+def load_csv(arg: str, cfg: DataConfig | None = None) -> Source:
     """``csv:FILE`` with a header row: numeric features + label, or text + label."""
     path = _file(arg)
     header, rows, lines = read_csv(path)
     return table_source(header, rows, lines, path, cfg)
 
 
-def load_jsonl(arg: str, cfg=None) -> Source:
+def load_jsonl(arg: str, cfg: DataConfig | None = None) -> Source:
     """``jsonl:FILE`` with one object per line: text + label fields (or numeric fields + label)."""
     path = _file(arg)
     header, rows, lines = read_jsonl(path)
