@@ -1,5 +1,6 @@
 import os
 import pickle
+import struct
 
 import numpy as np
 import pytest
@@ -102,3 +103,39 @@ def test_bad_batches(tmp_path):
     _write(tmp_path / "data_batch_1", {"data": np.zeros((2, 3072), np.uint8), "labels": [0]})
     with pytest.raises(ZerotuneError, match=r"data_batch_1: labels: 1 labels for 2 images"):
         load_source(f"cifar:{tmp_path}")
+
+
+def _py2_batch(data, labels):
+    """A Python 2 protocol-2 pickle of {'data': uint8 array, 'labels': list}, written opcode by
+    opcode the way the official CIFAR-10 files are (str keys and a str holding the pixels)."""
+
+    def py2_str(text):  # SHORT_BINSTRING
+        raw = text.encode("latin1")
+        return b"U" + bytes([len(raw)]) + raw
+
+    n, width = data.shape
+    array = b"".join(
+        [
+            b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85",
+            py2_str("b") + b"\x87R",  # _reconstruct(ndarray, (0,), 'b')
+            b"(K\x01M" + struct.pack("<H", n) + b"M" + struct.pack("<H", width) + b"\x86",  # version, shape
+            b"cnumpy\ndtype\n" + py2_str("u1") + b"K\x00K\x01\x87R",
+            b"(K\x03" + py2_str("|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb",  # dtype state
+            b"\x89T" + struct.pack("<I", data.nbytes) + data.tobytes() + b"tb",  # not Fortran, raw bytes
+        ]
+    )
+    label_list = b"](" + b"".join(b"K" + bytes([v]) for v in labels) + b"e"
+    return b"\x80\x02}(" + py2_str("data") + array + py2_str("labels") + label_list + b"u."
+
+
+def test_python2_pickles_like_the_official_files(tmp_path):
+    data, labels = _batch(3, 9)
+    (tmp_path / "data_batch_1").write_bytes(_py2_batch(data, labels))
+    assert pickle.loads((tmp_path / "data_batch_1").read_bytes(), encoding="latin1")["labels"] == labels
+    src = load_source(f"cifar:{tmp_path}")
+    torch.testing.assert_close(src.train.x.reshape(3, -1), torch.from_numpy(data).float(), rtol=0, atol=0)
+    assert (
+        src.train.y.tolist() == labels
+        and src.test is None
+        and src.info.classes == [str(i) for i in range(10)]
+    )
