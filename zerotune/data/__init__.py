@@ -25,6 +25,10 @@ import torch
 
 from zerotune.data.base import DataInfo, Source, Split
 from zerotune.data.builtin import load_builtin
+from zerotune.data.cifar import load_cifar
+from zerotune.data.idx import load_idx
+from zerotune.data.images import load_images
+from zerotune.data.tabular import load_csv, load_jsonl
 from zerotune.errors import ZerotuneError
 
 
@@ -63,6 +67,11 @@ def load_arrays(arg: str, cfg=None) -> Source:
 SOURCES = {
     "builtin": load_builtin,
     "arrays": load_arrays,
+    "idx": load_idx,
+    "cifar": load_cifar,
+    "csv": load_csv,
+    "jsonl": load_jsonl,
+    "images": load_images,
 }
 
 

@@ -1,0 +1,55 @@
+"""Small data files the tests write for themselves (IDX digits, ...)."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def write_idx(
+    directory: str | Path, images: np.ndarray, labels: np.ndarray, prefix: str = "train", gz: bool = True
+) -> tuple[Path, Path]:
+    """Write uint8 ``images`` (N, H, W) and ``labels`` (N,) as ``{prefix}-images-idx3-ubyte[.gz]``
+    and ``{prefix}-labels-idx1-ubyte[.gz]``. Returns the two paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    images = np.asarray(images, dtype=np.uint8)
+    labels = np.asarray(labels, dtype=np.uint8)
+    n, h, w = images.shape
+    blobs = {
+        f"{prefix}-images-idx3-ubyte": b"\x00\x00\x08\x03"
+        + np.array([n, h, w], ">u4").tobytes()
+        + images.tobytes(),
+        f"{prefix}-labels-idx1-ubyte": b"\x00\x00\x08\x01"
+        + np.array([len(labels)], ">u4").tobytes()
+        + labels.tobytes(),
+    }
+    paths = []
+    for name, blob in blobs.items():
+        path = directory / (name + ".gz" if gz else name)
+        path.write_bytes(gzip.compress(blob) if gz else blob)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def digits_uint8(size: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8×8 digits scaled to 0..255 and resized (bilinear) to ``size``×``size``."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) * (255.0 / 16.0)).unsqueeze(1)  # (N, 1, 8, 8)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)  # (N, 1, size, size)
+    images = x.squeeze(1).round().clamp(0, 255).to(torch.uint8).numpy()
+    return images, d.target.astype(np.uint8)
+
+
+def write_digits_idx(directory: str | Path, size: int = 28, gz: bool = True) -> Path:
+    """Write the digits as MNIST-format IDX files: the first 1,500 as train, the other 297 as t10k."""
+    images, labels = digits_uint8(size)
+    write_idx(directory, images[:1500], labels[:1500], prefix="train", gz=gz)
+    write_idx(directory, images[1500:], labels[1500:], prefix="t10k", gz=gz)
+    return Path(directory)

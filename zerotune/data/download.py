@@ -1,0 +1,205 @@
+"""Download the standard image data sets, checked against their published MD5 sums.
+
+    mnist           4 IDX files      → use as idx:DEST
+    fashion-mnist   4 IDX files      → use as idx:DEST
+    cifar10         one tar.gz       → extracted to DEST/cifar-10-batches-py, use as cifar:DEST
+
+Each file is streamed to a temporary file inside DEST, its checksum verified, and only then
+renamed into place, so an interrupted or corrupted download never leaves a file that looks
+good. A file already present with the right checksum is not downloaded again. The base URL
+can be replaced with ``mirror`` or the ``ZEROTUNE_DATA_MIRROR`` environment variable (a
+folder URL holding the same file names).
+
+Command line: ``python -m zerotune.data.download NAME DEST [--mirror URL]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from zerotune.errors import ZerotuneError
+
+MIRROR_ENV = "ZEROTUNE_DATA_MIRROR"
+IDX_NAMES = [
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Where a data set lives: base URL, (file name, MD5) pairs, and the spec that reads it."""
+
+    base_url: str
+    files: tuple[tuple[str, str], ...]
+    spec: str  # the data spec for the download folder, with {dest}
+    extract: bool = False  # a tar.gz to unpack into dest
+
+
+# MD5 sums as published with the data sets (the same ones torchvision checks).
+DATASETS: dict[str, Dataset] = {
+    "mnist": Dataset(
+        "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        (
+            ("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+            ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
+            ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
+            ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
+        ),
+        "idx:{dest}",
+    ),
+    "fashion-mnist": Dataset(
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        (
+            ("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+            ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe"),
+            ("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
+            ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310"),
+        ),
+        "idx:{dest}",
+    ),
+    "cifar10": Dataset(
+        "https://www.cs.toronto.edu/~kriz/",
+        (("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),),
+        "cifar:{dest}",
+        extract=True,
+    ),
+}
+
+# One line per data set for a recipe whose data folder is missing.
+SOURCES_HELP: dict[str, str] = {
+    "mnist": (
+        "MNIST is not downloaded: run `python -m zerotune.data.download mnist DEST`, or put "
+        + ", ".join(IDX_NAMES)
+        + f" from {DATASETS['mnist'].base_url} into DEST; then use idx:DEST"
+    ),
+    "fashion-mnist": (
+        "Fashion-MNIST is not downloaded: run `python -m zerotune.data.download fashion-mnist DEST`, or put "
+        + ", ".join(IDX_NAMES)
+        + f" from {DATASETS['fashion-mnist'].base_url} into DEST; then use idx:DEST"
+    ),
+    "cifar10": (
+        "CIFAR-10 is not downloaded: run `python -m zerotune.data.download cifar10 DEST`, or unpack "
+        f"{DATASETS['cifar10'].base_url}cifar-10-python.tar.gz into DEST (giving DEST/cifar-10-batches-py); "
+        "then use cifar:DEST"
+    ),
+}
+
+
+def missing_data_message(name: str, dest: str | Path) -> str:
+    """The :data:`SOURCES_HELP` line for ``name`` with DEST filled in."""
+    return SOURCES_HELP[name].replace("DEST", str(dest))
+
+
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch(url: str, target: Path, md5: str, timeout: float = 60.0) -> Path:
+    """Stream ``url`` to a temporary file next to ``target``, check its MD5, rename it to ``target``."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    tmp = Path(tmp_name)
+    digest = hashlib.md5(usedforsecurity=False)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as response:
+                    for chunk in iter(lambda: response.read(1 << 20), b""):
+                        digest.update(chunk)
+                        out.write(chunk)
+            except (urllib.error.URLError, OSError, ValueError) as e:
+                reason = getattr(e, "reason", e)
+                raise ZerotuneError(
+                    f"could not reach {url} ({reason}); download it by hand, put it at {target} and run again"
+                ) from None
+        got = digest.hexdigest()
+        if got != md5:
+            raise ZerotuneError(
+                f"checksum mismatch: expected md5 {md5}, got {got}; the download was deleted", path=target
+            )
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def extract_tar(archive: Path, dest: Path) -> list[Path]:
+    """Unpack a tar.gz into ``dest`` with the ``data`` filter (no absolute paths, links out, devices)."""
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = [m for m in tar.getmembers() if m.isfile()]
+            tar.extractall(dest, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ZerotuneError(f"cannot extract the archive ({e})", path=archive) from None
+    return [dest / m.name for m in members]
+
+
+def download(name: str, dest: str | Path, mirror: str | None = None) -> list[Path]:
+    """Download data set ``name`` into ``dest`` and verify it.
+
+    Args:
+        name: ``mnist``, ``fashion-mnist`` or ``cifar10``.
+        dest: the folder to fill (created if missing).
+        mirror: a base URL to use instead of the official one (default: ``$ZEROTUNE_DATA_MIRROR``).
+
+    Returns:
+        The data files now in ``dest``: the IDX files, or for CIFAR-10 the extracted batch files.
+
+    Raises:
+        ZerotuneError: unknown name, unreachable URL (the message says where to put the files
+            by hand), or a checksum mismatch (the bad download is deleted).
+
+    Example:
+        >>> download("mnist", "data/mnist")  # then train with data.train = "idx:data/mnist"
+    """
+    if name not in DATASETS:
+        raise ZerotuneError(f"unknown data set {name!r}; choose from {', '.join(DATASETS)}")
+    ds = DATASETS[name]
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    base = mirror or os.environ.get(MIRROR_ENV) or ds.base_url
+    base = base if base.endswith("/") else base + "/"
+    out: list[Path] = []
+    for filename, md5 in ds.files:
+        target = dest / filename
+        if not (target.is_file() and md5sum(target) == md5):
+            fetch(base + filename, target, md5)
+        out += extract_tar(target, dest) if ds.extract else [target]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m zerotune.data.download", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("name", choices=sorted(DATASETS))
+    parser.add_argument("dest")
+    parser.add_argument("--mirror", default=None, help=f"base URL to use instead (or ${MIRROR_ENV})")
+    args = parser.parse_args(argv)
+    try:
+        files = download(args.name, args.dest, args.mirror)
+    except ZerotuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(f"{len(files)} files in {args.dest}; use {DATASETS[args.name].spec.format(dest=args.dest)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
