@@ -67,6 +67,32 @@ def _demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _download(a: argparse.Namespace) -> int:
+    from zerotune.data.download import DATASETS, download
+
+    files = download(a.name, a.dest, mirror=a.mirror)
+    print(f"{len(files)} files verified in {a.dest}; use the data spec {DATASETS[a.name].spec.format(dest=a.dest)}")
+    return 0
+
+
+def _tokenizer_train(a: argparse.Namespace) -> int:
+    from zerotune.data.tokenizer import train_tokenizer
+
+    path = train_tokenizer(a.input, a.vocab_size, a.out, kind=a.kind, text_field=a.text_field, overwrite=a.overwrite)
+    print(f"tokenizer: {path}")
+    return 0
+
+
+def _prepare(a: argparse.Namespace) -> int:
+    from zerotune.data.shards import prepare
+
+    counts = prepare(a.input, a.tokenizer, a.out, val_fraction=a.val_fraction, seed=a.seed, min_chars=a.min_chars,
+                     max_chars=a.max_chars, text_field=a.text_field, overwrite=a.overwrite)
+    print("  ".join(f"{k} {v:,}" for k, v in counts.items() if isinstance(v, int)))
+    print(f"shards: {a.out}  (train with data.train=shards:{a.out})")
+    return 0
+
+
 def build_parser() -> Parser:
     p = Parser(prog="zerotune", description="Develop neural networks and language models from scratch "
                "and fine-tune them.")
@@ -101,6 +127,43 @@ def build_parser() -> Parser:
     s.add_argument("--input", required=True, help="a .csv/.npz/.jsonl file or a data spec")
     s.add_argument("--output", help="CSV to write (default RUN/predictions.csv)")
     s.set_defaults(fn=_predict)
+
+    s = sub.add_parser("data", help="data sets: download")
+    dsub = s.add_subparsers(dest="data_verb", metavar="ACTION", parser_class=Parser, required=True)
+    d = dsub.add_parser("download", help="fetch mnist, fashion-mnist or cifar10 with checksum verification",
+                        description="Example: zerotune data download mnist data/mnist, then data.train=idx:data/mnist")
+    d.add_argument("name", choices=["mnist", "fashion-mnist", "cifar10"])
+    d.add_argument("dest", help="folder to put the files in")
+    d.add_argument("--mirror", help="base URL to fetch from instead (also $ZEROTUNE_DATA_MIRROR)")
+    d.set_defaults(fn=_download)
+
+    s = sub.add_parser("tokenizer", help="tokenizers: train")
+    tsub = s.add_subparsers(dest="tok_verb", metavar="ACTION", parser_class=Parser, required=True)
+    t = tsub.add_parser("train", help="train a tokenizer (Hugging Face tokenizers) and save DIR/tokenizer.json",
+                        description="Example: zerotune tokenizer train --input builtin:pydoc --vocab-size 2048 "
+                        "--out runs/tok")
+    t.add_argument("--input", required=True, metavar="SPEC",
+                   help="text:FILE|DIR, jsonl:FILE, builtin:pydoc or builtin:stdlib")
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--kind", default="bytelevel-bpe", choices=["bytelevel-bpe", "bpe", "wordpiece", "char"])
+    t.add_argument("--out", required=True, metavar="DIR")
+    t.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer.json")
+    t.set_defaults(fn=_tokenizer_train)
+
+    s = sub.add_parser("prepare", help="tokenize a corpus into memory-mapped token shards for pretraining",
+                       description="Example: zerotune prepare --input builtin:pydoc --tokenizer runs/tok "
+                       "--out runs/pydoc-shards")
+    s.add_argument("--input", required=True, metavar="SPEC", help="text:FILE|DIR, jsonl:FILE, builtin:pydoc|stdlib")
+    s.add_argument("--tokenizer", required=True, metavar="DIR", help="a tokenizer.json or its folder")
+    s.add_argument("--out", required=True, metavar="DIR")
+    s.add_argument("--val-fraction", type=float, default=0.01)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--min-chars", type=int, default=1)
+    s.add_argument("--max-chars", type=int, default=None)
+    s.add_argument("--text-field", default="text")
+    s.add_argument("--overwrite", action="store_true", help="replace existing shards")
+    s.set_defaults(fn=_prepare)
     return p
 
 

@@ -132,7 +132,10 @@ def load_cifar(arg: str, cfg: DataConfig | None = None) -> Source:
     """``cifar:DIR`` → Source with the data batches as train and ``test_batch`` as test."""
     root = Path(arg)
     if not root.is_dir():
-        raise ZerotuneError("CIFAR folder not found" if not root.exists() else "not a folder", path=root)
+        if root.exists():
+            raise ZerotuneError("not a folder", path=root)
+        raise ZerotuneError(f"CIFAR folder not found; fetch it with `zerotune data download cifar10 {root}`, or "
+                            "put the python batches (data_batch_1..5, test_batch) there", path=root)
     if not (root / TRAIN_BATCHES[0]).is_file() and (root / "cifar-10-batches-py").is_dir():
         root = root / "cifar-10-batches-py"
     present = [root / name for name in TRAIN_BATCHES if (root / name).is_file()]

@@ -10,7 +10,7 @@ good. A file already present with the right checksum is not downloaded again. Th
 can be replaced with ``mirror`` or the ``ZEROTUNE_DATA_MIRROR`` environment variable (a
 folder URL holding the same file names).
 
-Command line: ``python -m zerotune.data.download NAME DEST [--mirror URL]``.
+Command line: ``zerotune data download NAME DEST [--mirror URL]``.
 """
 
 from __future__ import annotations
@@ -79,17 +79,17 @@ DATASETS: dict[str, Dataset] = {
 # One line per data set for a recipe whose data folder is missing.
 SOURCES_HELP: dict[str, str] = {
     "mnist": (
-        "MNIST is not downloaded: run `python -m zerotune.data.download mnist DEST`, or put "
+        "MNIST is not downloaded: run `zerotune data download mnist DEST`, or put "
         + ", ".join(IDX_NAMES)
         + f" from {DATASETS['mnist'].base_url} into DEST; then use idx:DEST"
     ),
     "fashion-mnist": (
-        "Fashion-MNIST is not downloaded: run `python -m zerotune.data.download fashion-mnist DEST`, or put "
+        "Fashion-MNIST is not downloaded: run `zerotune data download fashion-mnist DEST`, or put "
         + ", ".join(IDX_NAMES)
         + f" from {DATASETS['fashion-mnist'].base_url} into DEST; then use idx:DEST"
     ),
     "cifar10": (
-        "CIFAR-10 is not downloaded: run `python -m zerotune.data.download cifar10 DEST`, or unpack "
+        "CIFAR-10 is not downloaded: run `zerotune data download cifar10 DEST`, or unpack "
         f"{DATASETS['cifar10'].base_url}cifar-10-python.tar.gz into DEST (giving DEST/cifar-10-batches-py); "
         "then use cifar:DEST"
     ),
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m zerotune.data.download", description=__doc__.splitlines()[0]
+        prog="zerotune data download", description=__doc__.splitlines()[0]
     )
     parser.add_argument("name", choices=sorted(DATASETS))
     parser.add_argument("dest")

@@ -113,7 +113,10 @@ def load_idx(arg: str, cfg: DataConfig | None = None) -> Source:
     """``idx:DIR`` → Source with the train files and, when present, the t10k files as test."""
     root = Path(arg)
     if not root.is_dir():
-        raise ZerotuneError("IDX folder not found" if not root.exists() else "not a folder", path=root)
+        if root.exists():
+            raise ZerotuneError("not a folder", path=root)
+        raise ZerotuneError(f"IDX folder not found; fetch it with `zerotune data download mnist {root}` (or "
+                            "fashion-mnist), or put the train-/t10k- IDX files there", path=root)
     found = {(p, k): find_file(root, p, k) for p in ("train", "t10k") for k in FILES}
     if found["train", "images"] is None or found["train", "labels"] is None:
         missing = [f"train-{FILES[k]}[.gz]" for k in FILES if found["train", k] is None]
