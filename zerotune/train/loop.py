@@ -178,10 +178,10 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
         while state.step < total and not state.stopped_early:
             step = state.step
             x, y = task.batch(step)
-            n = len(y)
+            n = task.count(y)  # examples (or target tokens) in the whole step's batch
             optimizer.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), device=device)
-            for i in range(0, n, micro):
+            for i in range(0, len(x), micro):
                 with autocast_for(device, t.precision):
                     out = forward(x[i : i + micro])
                 loss = task.loss(out, y[i : i + micro]) / n
@@ -208,7 +208,7 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
             state.step += 1
             state.window_loss += loss_value
             state.window_steps += 1
-            window_samples += n
+            window_samples += len(x)
 
             record: dict[str, Any] = {}
             end_of_epoch = state.step % steps_per_epoch == 0
