@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -28,6 +30,7 @@ def test_mlp_counts_flops_and_rows():
     assert report.flops_per_sample == 2 * (784 * 64 + 64 * 64 + 64 * 10)
     assert report.param_bytes == 55_050 * 4
     assert report.buffer_bytes == 0
+    assert report.train_state_bytes == 4 * 55_050 * 4  # weights, grads, two Adam moments
     assert report.input_shape == [1, 28, 28] and report.input_dtype == "float32"
     linears = [r for r in report.rows if r.type == "Linear"]
     assert [(r.params, r.output_shape, r.flops) for r in linears] == [
@@ -79,6 +82,8 @@ def test_tied_frozen_and_buffers():
     assert report.total_params == 40 + 8
     assert report.trainable_params == 40 + 4
     assert report.buffer_bytes == 4 * 4 + 4 * 4 + 8  # running mean, var (fp32), num_batches_tracked (int64)
+    assert report.train_state_bytes == 48 * 4 + 3 * 44 * 4  # frozen weights need no grad or moments
+    assert json.loads(json.dumps(report.to_dict()))["total_params"] == 48
 
 
 def test_mode_and_weights_are_left_as_they_were():

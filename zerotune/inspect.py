@@ -68,6 +68,8 @@ class InspectReport:
     flops_per_sample: int = 0  # forward pass of one example
     param_bytes: int = 0
     buffer_bytes: int = 0  # BatchNorm running statistics and the like
+    # weights + a gradient and Adam's two moments per trainable weight, activations not included
+    train_state_bytes: int = 0
     input_shape: list[int] = field(default_factory=list)
     input_dtype: str = ""
 
@@ -79,6 +81,7 @@ class InspectReport:
             "flops_per_sample": self.flops_per_sample,
             "param_bytes": self.param_bytes,
             "buffer_bytes": self.buffer_bytes,
+            "train_state_bytes": self.train_state_bytes,
             "input_shape": self.input_shape,
             "input_dtype": self.input_dtype,
         }
@@ -129,9 +132,11 @@ def _unique(tensors) -> list[torch.Tensor]:
 def inspect_model(model: nn.Module, example: torch.Tensor) -> InspectReport:
     """Run ``example[:1]`` through ``model`` once (eval mode, no grad) and describe the model.
 
-    The model's train/eval mode is restored afterwards; its weights are not changed.
+    The example is moved to the model's device. The model's train/eval mode is restored
+    afterwards; its weights and buffers are not changed.
     """
-    example = example[:1]
+    first = next(model.parameters(), None)
+    example = example[:1] if first is None else example[:1].to(first.device)
     rows: dict[str, LayerRow] = {}
     handles = []
     for name, module in model.named_modules():
@@ -166,13 +171,16 @@ def inspect_model(model: nn.Module, example: torch.Tensor) -> InspectReport:
 
     params = _unique(model.parameters())
     buffers = _unique(model.buffers())
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    trainable_bytes = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
     return InspectReport(
         rows=list(rows.values()),
         total_params=sum(p.numel() for p in params),
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
         flops_per_sample=int(counter.get_total_flops()),
-        param_bytes=sum(p.numel() * p.element_size() for p in params),
+        param_bytes=param_bytes,
         buffer_bytes=sum(b.numel() * b.element_size() for b in buffers),
+        train_state_bytes=param_bytes + 3 * trainable_bytes,
         input_shape=list(example.shape[1:]),
         input_dtype=str(example.dtype).removeprefix("torch."),
     )
@@ -215,5 +223,6 @@ def format_report(report: InspectReport) -> str:
         f"FLOPs / example   {report.flops_per_sample:,} ({human(report.flops_per_sample)}, forward)",
         f"parameter memory  {human(report.param_bytes, 'B')}",
         f"buffer memory     {human(report.buffer_bytes, 'B')}",
+        f"training state    {human(report.train_state_bytes, 'B')} (weights, grads, Adam moments)",
     ]
     return "\n".join(lines)
