@@ -8,9 +8,9 @@ A 2-D convolution with kernel K maps C_in channels to C_out:
 
     h = Dropout(Pool₂ₓ₂(σ(Norm(Conv(… σ(Norm(Conv(h))) …)))))   convs_per_stage convs, channels[s] wide
 
-then a readout (``flatten`` the C×H×W map, or a global average/max over H×W) and an MLP head
-``hidden`` → logits. The classic Keras MNIST net is ``channels: [32, 64]``, max pooling,
-flatten, ``dropout: 0.5``.
+then a readout (``flatten`` the C×H×W map, or a global average/max over H×W) and the head:
+Dropout → Linear → σ for each ``hidden`` width, then Dropout → Linear to the logits. The
+classic Keras MNIST convnet is close to ``channels: [32, 64]``, max pooling, flatten.
 
 ``resnet`` is the CIFAR ResNet of He et al. (2016, https://arxiv.org/abs/1512.03385, §4.2):
 a 3×3 stem, then for each stage s (``widths[s]`` channels, ``blocks[s]`` basic blocks, stride 2
@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch import nn
 
 from zerotune.data.base import DataInfo
@@ -95,7 +95,7 @@ class ResNetConfig(BaseModel):
 
     @field_validator("blocks")
     @classmethod
-    def _same_length(cls, v: list[int], info) -> list[int]:
+    def _same_length(cls, v: list[int], info: ValidationInfo) -> list[int]:
         widths = info.data.get("widths")
         if widths is not None and len(widths) != len(v):
             raise ValueError(f"needs one entry per stage in widths ({len(widths)}), got {len(v)}")
