@@ -115,10 +115,7 @@ def test_resnet_shortcut_shapes():
     model = build_resnet(ResNetConfig(widths=[16, 32, 64], blocks=[2, 2, 2]), info).eval()
     shapes: dict[str, tuple] = {}
     blocks = {name: m for name, m in model.named_modules() if isinstance(m, BasicBlock)}
-    hooks = [
-        m.shortcut.register_forward_hook(partial(_record, shapes, name))
-        for name, m in blocks.items()
-    ]
+    hooks = [m.shortcut.register_forward_hook(partial(_record, shapes, name)) for name, m in blocks.items()]
     with torch.no_grad():
         model(_image([3, 32, 32]))
     for h in hooks:
