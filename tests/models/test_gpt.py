@@ -185,7 +185,7 @@ def test_flops_kv_and_memory_formulas():
 @pytest.mark.parametrize(
     ("model", "fragment"),
     [
-        ({"preset": "gpt-9"}, "model: unknown preset 'gpt-9'"),
+        ({"preset": "gpt-9"}, "model.preset: unknown preset; choose from gpt2-124m, gpt2-350m"),
         ({"d_model": 30, "n_head": 4}, "d_model (30) must be divisible by n_head (4)"),
         ({"n_head": 4, "n_kv_heads": 3}, "n_head (4) must be divisible by n_kv_heads (3)"),
         (

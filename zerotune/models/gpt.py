@@ -87,12 +87,20 @@ class GPTConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _fill_from_preset(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or data.get("preset") is None:
-            return data
-        name = data["preset"]
-        if name not in presets():
-            raise ValueError(f"unknown preset {name!r}; choose from {', '.join(presets())}")
-        return {**presets()[name], **data}
+        if (
+            not isinstance(data, dict)
+            or not isinstance(data.get("preset"), str)
+            or data["preset"] not in presets()
+        ):
+            return data  # an unknown name is reported by _check_preset, on the preset key itself
+        return {**presets()[data["preset"]], **data}
+
+    @field_validator("preset")
+    @classmethod
+    def _check_preset(cls, v: str | None) -> str | None:
+        if v is not None and v not in presets():
+            raise ValueError(f"unknown preset; choose from {', '.join(presets())}")
+        return v
 
     @field_validator("init")
     @classmethod
@@ -191,6 +199,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # rotate in the compute dtype (bf16 under autocast)
     return x * cos + rotate_half(x) * sin  # (B, H, T, h)
 
 
@@ -362,18 +371,16 @@ class GPT(nn.Module):
                 block.mlp.proj.weight if cfg.mlp == "gelu" else block.mlp.down.weight, 0.0, resid_std
             )
 
-    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
-        """A zeroed KV cache for ``batch`` sequences of up to ``max_len`` (default block_size) tokens."""
+    def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """A zeroed KV cache for ``batch`` sequences of up to ``max_len`` (default block_size) tokens.
+
+        ``dtype`` defaults to the weights' dtype; pass ``torch.bfloat16`` under bf16 autocast.
+        """
         cfg = self.config
         p = self.tok_emb.weight
+        max_len = max_len or cfg.block_size
         return KVCache(
-            cfg.n_layer,
-            batch,
-            max_len or cfg.block_size,
-            cfg.kv_heads,
-            cfg.head_size,
-            device=p.device,
-            dtype=p.dtype,
+            cfg.n_layer, batch, max_len, cfg.kv_heads, cfg.head_size, device=p.device, dtype=dtype or p.dtype
         )
 
     def forward(
@@ -401,8 +408,8 @@ class GPT(nn.Module):
         x = self.drop(x)
         rope = None
         if self.config.pos == "rope":
-            cos = self.rope_cos[positions].to(x.dtype)[:, None]  # (1|B, 1, T, h)
-            sin = self.rope_sin[positions].to(x.dtype)[:, None]
+            cos = self.rope_cos[positions][:, None]  # (1|B, 1, T, h)
+            sin = self.rope_sin[positions][:, None]
             rope = (cos, sin)
         mask = None
         if pad is not None or (cache is not None and pos > 0 and T > 1):
