@@ -61,6 +61,10 @@ def test_eos_stops_each_row_and_stream_reports_tokens():
     assert out[1] == free[1][:cut]
     assert [toks for row, toks in seen if row == 0][-1] == out[0]
     assert len(seen) == len(out[0]) + len(out[1])
+    # several stop tokens: each row stops at the first of them
+    stops = {free[0][5], free[0][2]}
+    first = next(i for i, t in enumerate(free[0]) if t in stops)
+    assert generate(model, [[1, 2]], max_new_tokens=8, temperature=0, eos_id=list(stops)) == [free[0][:first]]
 
 
 def test_sampling_is_deterministic_for_a_seed_and_respects_top_k():

@@ -16,7 +16,7 @@ Per step, with logits z over the vocabulary:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -61,7 +61,7 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     repetition_penalty: float = 1.0,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     seed: int | None = None,
     pad_id: int | None = None,
     stream: Callable[[int, list[int]], None] | None = None,
@@ -77,7 +77,8 @@ def generate(
         top_k: sample only among the k most likely tokens.
         top_p: sample only from the smallest set of tokens whose probability reaches top_p.
         repetition_penalty: > 1 discourages tokens already in the prompt or the output.
-        eos_id: a row stops when it produces this token (which is not included in its output).
+        eos_id: a row stops when it produces this token (or one of these tokens), which is
+            not included in its output.
         seed: seeds the sampling generator, so the same call gives the same tokens.
         pad_id: token id placed in the padding columns (never attended to); default 0.
         stream: called as ``stream(row, tokens_so_far)`` each time a row gains a token.
@@ -108,6 +109,7 @@ def generate(
         raise ZerotuneError(f"prompt_ids: token ids must lie in [0, {vocab})")
     if max_new_tokens == 0:
         return [[] for _ in prompts]
+    stop = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
 
     device = next(model.parameters()).device
     B = len(prompts)
@@ -147,7 +149,7 @@ def generate(
             for row, token in enumerate(next_ids.tolist()):
                 if done[row]:
                     continue
-                if eos_id is not None and token == eos_id:
+                if token in stop:
                     done[row] = True
                     continue
                 out[row].append(token)

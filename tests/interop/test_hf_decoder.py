@@ -12,7 +12,12 @@ transformers = pytest.importorskip("transformers")
 
 from zerotune.errors import ZerotuneError  # noqa: E402
 from zerotune.generate import generate  # noqa: E402
-from zerotune.interop.hf_decoder import export_hf_decoder, load_hf_decoder, read_hf_decoder_config  # noqa: E402
+from zerotune.interop.hf_decoder import (  # noqa: E402
+    export_hf_decoder,
+    hf_special_ids,
+    load_hf_decoder,
+    read_hf_decoder_config,
+)
 from zerotune.models.gpt import GPT, GPTConfig  # noqa: E402
 
 TOL = dict(rtol=0, atol=1e-4)  # fp32, max abs logit difference
@@ -65,6 +70,19 @@ def test_hf_checkpoint_loads_with_same_logits(tmp_path, name):
     assert expected.std() > 0.3  # weights far from init, so agreement means something
     torch.testing.assert_close(ours(x), expected, **TOL)
     assert cfg.vocab_size == 99 and cfg.n_layer == 2
+    assert cfg.block_size == (32 if name == "mistral" else 64)  # Mistral: exact within its sliding window
+
+
+def test_original_gpt2_names_and_buffers(tmp_path):
+    """The original GPT-2 checkpoints use bare names (h.0..., wte) and carry attention-mask buffers."""
+    theirs = hf_model("gpt2")
+    theirs.config.save_pretrained(tmp_path)
+    tensors = {k.removeprefix("transformer."): v.contiguous() for k, v in theirs.state_dict().items()}
+    tensors.pop("lm_head.weight", None)
+    tensors["h.0.attn.bias"] = torch.ones(1, 1, 64, 64).tril()
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ours, _ = load_hf_decoder(tmp_path)
+    torch.testing.assert_close(ours(ids()), theirs(ids()).logits, **TOL)
 
 
 def test_sharded_safetensors_and_pytorch_bin(tmp_path):
@@ -128,6 +146,15 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path, name):
     torch.testing.assert_close(theirs(x).logits, expected, **TOL)
     again, cfg = load_hf_decoder(tmp_path)  # and back: the same model
     torch.testing.assert_close(again(x), expected, rtol=0, atol=1e-6)
+
+
+def test_special_ids_written_and_read(tmp_path):
+    model = GPT(GPTConfig(**ZT_CASES["llama"]))
+    export_hf_decoder(model, model.config, tmp_path, bos_id=1, eos_id=2)
+    assert hf_special_ids(tmp_path) == {"bos": 1, "eos": 2, "pad": None}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    assert hf_special_ids(tmp_path)["eos"] == [2, 7]
+    assert transformers.AutoConfig.from_pretrained(tmp_path).eos_token_id == 2
 
 
 # ---------------------------------------------------------------- bad input

@@ -421,8 +421,6 @@ def hf_config_dict(cfg: GPTConfig) -> dict[str, Any]:
             "embd_pdrop": cfg.dropout,
             "attn_pdrop": cfg.dropout,
             "tie_word_embeddings": cfg.tie_embeddings,
-            "bos_token_id": None,
-            "eos_token_id": None,
             "torch_dtype": "float32",
         }
     scaling = cfg.rope_scaling
@@ -445,8 +443,6 @@ def hf_config_dict(cfg: GPTConfig) -> dict[str, Any]:
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, **(scaling or {})},
         "attention_dropout": cfg.dropout,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "bos_token_id": None,
-        "eos_token_id": None,
         "torch_dtype": "float32",
     }
     if family == "llama":
@@ -456,10 +452,35 @@ def hf_config_dict(cfg: GPTConfig) -> dict[str, Any]:
     return out
 
 
-def export_hf_decoder(model: GPT, cfg: GPTConfig, folder: str | Path) -> Path:
+def hf_special_ids(folder: str | Path) -> dict[str, int | list[int] | None]:
+    """``bos``, ``eos`` and ``pad`` token ids of a Hugging Face folder (generation_config.json wins).
+
+    ``eos`` may be a list (Llama 3 stops on several tokens); ``generate(eos_id=...)`` takes either.
+    """
+    folder = Path(folder)
+    ids: dict[str, int | list[int] | None] = {"bos": None, "eos": None, "pad": None}
+    for name in ("config.json", "generation_config.json"):
+        if (folder / name).is_file():
+            data = _read_json(folder / name)
+            for key in ids:
+                if data.get(f"{key}_token_id") is not None:
+                    ids[key] = data[f"{key}_token_id"]
+    return ids
+
+
+def export_hf_decoder(
+    model: GPT,
+    cfg: GPTConfig,
+    folder: str | Path,
+    *,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+) -> Path:
     """Write ``config.json`` + ``model.safetensors`` that ``AutoModelForCausalLM.from_pretrained`` loads.
 
     GPT-2 layouts become ``gpt2``; Llama layouts ``llama`` (or ``qwen2`` with q/k/v-only biases).
+    ``bos_id``/``eos_id``/``pad_id`` (the tokenizer's special tokens) go into config.json.
 
     Raises:
         ZerotuneError: the layout has no Hugging Face counterpart (e.g. RoPE with LayerNorm).
@@ -467,7 +488,7 @@ def export_hf_decoder(model: GPT, cfg: GPTConfig, folder: str | Path) -> Path:
     if cfg.vocab_size is None:
         cfg = model.config
     family = _family_of(cfg)
-    config = hf_config_dict(cfg)
+    config = hf_config_dict(cfg) | {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = _to_hf(model, cfg, family)
