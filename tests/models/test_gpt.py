@@ -190,9 +190,12 @@ def test_flops_kv_and_memory_formulas():
         ({"n_head": 4, "n_kv_heads": 3}, "n_head (4) must be divisible by n_kv_heads (3)"),
         (
             {"rope_scaling": {"rope_type": "yarn", "factor": 2}},
-            "model.rope_scaling: rope_scaling: unsupported",
+            "model.rope_scaling: unsupported rope_type 'yarn'",
         ),
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 2}}, "llama3 needs low_freq_factor"),
+        (
+            {"rope_scaling": {"rope_type": "llama3", "factor": 2}},
+            "model.rope_scaling: llama3 needs low_freq_factor",
+        ),
         ({"mlp": "relu"}, "model.mlp: expected one of 'gelu' or 'swiglu', got 'relu'"),
         ({"init": "zeros"}, "model.init: unknown init scheme"),
     ],

@@ -117,10 +117,10 @@ class GPTConfig(BaseModel):
         if kind in (None, "default"):
             return None
         if kind not in ROPE_SCALING_KEYS:
-            raise ValueError(f"rope_scaling: unsupported rope_type {kind!r}; choose from linear, llama3")
+            raise ValueError(f"unsupported rope_type {kind!r}; choose from linear, llama3")
         missing = [k for k in ROPE_SCALING_KEYS[kind] if k not in v]
         if missing:
-            raise ValueError(f"rope_scaling: {kind} needs {', '.join(missing)}")
+            raise ValueError(f"{kind} needs {', '.join(missing)}")
         v["rope_type"] = kind
         return v
 
