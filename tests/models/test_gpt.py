@@ -223,3 +223,15 @@ def test_bad_vocab_and_length():
     with pytest.raises(ZerotuneError, match="KV cache holds 4 positions"):
         model = tiny("gpt2")
         model(torch.zeros(1, 5, dtype=torch.long), cache=model.new_cache(1, 4))
+
+
+def test_bf16_weights_run_with_cache():
+    model = tiny("llama")
+    idx = torch.randint(0, 99, (2, 10))
+    ref = model(idx)
+    half = tiny("llama").to(torch.bfloat16)
+    cache = half.new_cache(2, 10)
+    assert cache.k.dtype == torch.bfloat16
+    out = torch.cat([half(idx[:, :6], cache=cache), half(idx[:, 6:], cache=cache, pos=6)], dim=1)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=2e-2)  # bf16 keeps ~3 significant digits
