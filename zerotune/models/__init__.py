@@ -12,10 +12,11 @@ from pydantic import Field
 from torch import nn
 
 from zerotune.data.base import DataInfo
-from zerotune.models import mlp
+from zerotune.models import bert, mlp
 
 ARCHS = {
     "mlp": (mlp.MLPConfig, mlp.build),
+    "bert": (bert.BERTConfig, bert.build),
 }
 
 ModelConfig = Annotated[Union[tuple(cfg for cfg, _ in ARCHS.values())], Field(discriminator="arch")]  # noqa: UP007
