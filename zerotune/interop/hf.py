@@ -120,8 +120,15 @@ def load_pretrained(
         return model, tokenizer, info
     if model_type in DECODER_TYPES:
         # imported here so that encoders load without the decoder module
-        from zerotune.interop import hf_decoder
-
+        try:
+            from zerotune.interop import hf_decoder
+        except ModuleNotFoundError as e:
+            if e.name != "zerotune.interop.hf_decoder":
+                raise
+            raise ZerotuneError(
+                f"model_type: {model_type!r} needs zerotune.interop.hf_decoder, which is not installed",
+                path=folder / "config.json",
+            ) from None
         return hf_decoder.load_hf_decoder(folder)
     supported = ", ".join(ENCODER_TYPES + DECODER_TYPES)
     raise ZerotuneError(

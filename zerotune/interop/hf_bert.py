@@ -276,16 +276,23 @@ def load_hf_bert(folder: str | Path, head: str = "encoder") -> tuple[nn.Module, 
 
 
 def load_hf_tokenizer(folder: str | Path) -> Tokenizer | None:
-    """The folder's tokenizer: ``tokenizer.json`` if present, else WordPiece built from ``vocab.txt``."""
+    """The folder's tokenizer: ``tokenizer.json`` if present, else WordPiece built from ``vocab.txt``.
+
+    Padding and truncation saved in the file (sentence-transformers pads everything to 128) are
+    switched off: zerotune pads batches and cuts to ``data.max_length`` itself.
+    """
     folder = Path(folder)
     path = folder / "tokenizer.json"
     if path.is_file():
         try:
-            return Tokenizer.from_file(str(path))
+            tok = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a plain Exception for every parse error
             raise ZerotuneError(
                 f"not a readable tokenizer.json ({str(e).splitlines()[0]})", path=path
             ) from None
+        tok.no_padding()
+        tok.no_truncation()
+        return tok
     vocab = folder / "vocab.txt"
     if vocab.is_file():
         lower = True
