@@ -155,7 +155,9 @@ def test_adapter_state_saved_alone_and_reloaded(tmp_path):
     load_lora_state_dict(fresh, load_file(tmp_path / "adapter.safetensors"))
     ids, mask, _ = inputs()
     with torch.no_grad():
-        torch.testing.assert_close(fresh(ids, attention_mask=mask), ours(ids, attention_mask=mask), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            fresh(ids, attention_mask=mask), ours(ids, attention_mask=mask), atol=1e-5, rtol=0
+        )
 
 
 def test_errors(tmp_path):
@@ -166,7 +168,9 @@ def test_errors(tmp_path):
         mark_only_lora_as_trainable(BERT(CFG))
     state = lora_state_dict(ours)
     missing = {k: v for k, v in state.items() if k != "layers.1.attn.value.lora_B"}
-    with pytest.raises(ZerotuneError, match=r"adapter.safetensors: missing adapter tensor 'layers.1.attn.value.lora_B'"):
+    with pytest.raises(
+        ZerotuneError, match=r"adapter.safetensors: missing adapter tensor 'layers.1.attn.value.lora_B'"
+    ):
         load_lora_state_dict(ours, missing, path="adapter.safetensors")
     bad = {**state, "layers.0.attn.query.lora_A": torch.zeros(R + 1, 32)}
     with pytest.raises(ZerotuneError, match=r"tensor 'layers.0.attn.query.lora_A' has shape \[5, 32\]"):
