@@ -14,6 +14,7 @@ from zerotune.finetune.lora import (
     LoRALinear,
     apply_lora,
     load_lora_state_dict,
+    lora_layers,
     lora_state_dict,
     mark_only_lora_as_trainable,
     merge_lora,
@@ -131,6 +132,18 @@ def test_merged_equals_unmerged_and_unmerge_restores(tmp_path):
         unwrap_lora(ours)
         assert not any(isinstance(m, LoRALinear) for m in ours.modules())
         torch.testing.assert_close(ours(ids, attention_mask=mask), unmerged, atol=1e-5, rtol=0)
+
+
+def test_export_with_adapters_writes_merged_weights(tmp_path):
+    ours, _, _, _ = twin_models(tmp_path)
+    save_hf_bert(ours, tmp_path / "merged")
+    assert len(lora_layers(ours)) == 4 and not any(layer.merged for layer in lora_layers(ours).values())
+    ref = BertModel.from_pretrained(tmp_path / "merged").eval()
+    ids, mask, _ = inputs()
+    with torch.no_grad():
+        m = mask.bool()
+        theirs = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(ours(ids, attention_mask=mask)[m], theirs[m], atol=1e-5, rtol=0)
 
 
 def test_trainable_count_by_hand(tmp_path):

@@ -29,6 +29,7 @@ not have (the NSP head, a classifier, the MLM head when loading the bare encoder
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -42,6 +43,7 @@ from tokenizers.models import WordPiece
 from torch import nn
 
 from zerotune.errors import ZerotuneError
+from zerotune.finetune.lora import lora_layers, unwrap_lora
 from zerotune.models.bert import BERT, BERTConfig, BERTMaskedLM
 
 _HF_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -87,19 +89,22 @@ def encoder_name_to_hf(name: str) -> str:
 
 def _hf_names(model: nn.Module) -> dict[str, str]:
     """zerotune state-dict name → Hugging Face name, for a BERT or a BERTMaskedLM."""
-    if isinstance(model, BERT):
-        return {k: encoder_name_to_hf(k) for k in model.state_dict()}
-    if isinstance(model, BERTMaskedLM):
-        out = {}
-        for k in model.state_dict():
-            if k.startswith("body."):
-                out[k] = "bert." + encoder_name_to_hf(k.removeprefix("body."))
-            elif k == "bias":
-                out[k] = "cls.predictions.bias"
-            else:
-                module, _, leaf = k.rpartition(".")
-                out[k] = f"{_MLM[module]}.{leaf}"
-        return out
+    try:
+        if isinstance(model, BERT):
+            return {k: encoder_name_to_hf(k) for k in model.state_dict()}
+        if isinstance(model, BERTMaskedLM):
+            out = {}
+            for k in model.state_dict():
+                if k.startswith("body."):
+                    out[k] = "bert." + encoder_name_to_hf(k.removeprefix("body."))
+                elif k == "bias":
+                    out[k] = "cls.predictions.bias"
+                else:
+                    module, _, leaf = k.rpartition(".")
+                    out[k] = f"{_MLM[module]}.{leaf}"
+            return out
+    except KeyError as e:
+        raise ZerotuneError(f"tensor {e.args[0]!r} has no Hugging Face BERT name") from None
     raise ZerotuneError(
         f"cannot map {type(model).__name__} to Hugging Face BERT names; expected BERT or BERTMaskedLM"
     )
@@ -363,16 +368,19 @@ def save_hf_bert(model: nn.Module, folder: str | Path, tokenizer: Tokenizer | No
 
     A :class:`BERT` is written as ``BertModel``; a :class:`BERTMaskedLM` as ``BertForMaskedLM``
     (``bert.``-prefixed names plus ``cls.predictions.*``); any other model with a ``body`` that is a
-    BERT (a sequence or token classifier) writes its encoder. LoRA layers must be merged first.
+    BERT (a sequence or token classifier) writes its encoder. LoRA adapters are merged into a copy
+    first, so the written weights are plain BERT weights and ``model`` itself is left as it is.
 
     Returns:
         The folder.
     """
+    pad_id = getattr(model, "pad_id", None)
     if not isinstance(model, (BERT, BERTMaskedLM)) and isinstance(getattr(model, "body", None), BERT):
         model = model.body
+    if lora_layers(model):
+        model = unwrap_lora(copy.deepcopy(model))
     names = _hf_names(model)
     body = model if isinstance(model, BERT) else model.body
-    pad_id = getattr(model, "pad_id", None)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {names[k]: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}

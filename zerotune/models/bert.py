@@ -115,13 +115,14 @@ class SelfAttention(nn.Module):
         self.value = nn.Linear(hidden, hidden)
         self.out = nn.Linear(hidden, hidden)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, H = x.shape
         d = H // self.heads
         q = self.query(x).view(B, T, self.heads, d).transpose(1, 2)  # (B, n, T, d)
         k = self.key(x).view(B, T, self.heads, d).transpose(1, 2)  # (B, n, T, d)
         v = self.value(x).view(B, T, self.heads, d).transpose(1, 2)  # (B, n, T, d)
         p = self.dropout if self.training else 0.0
+        bias = attention_bias(mask, q.dtype)  # (B, 1, 1, T); in q's dtype so bf16 autocast stays finite
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)  # (B, n, T, d)
         return self.out(a.transpose(1, 2).reshape(B, T, H))  # (B, T, H)
 
@@ -146,8 +147,8 @@ class EncoderLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        h = self.attn_norm(h + self.dropout(self.attn(h, bias)))  # (B, T, H)
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = self.attn_norm(h + self.dropout(self.attn(h, mask)))  # (B, T, H)
         return self.ffn_norm(h + self.dropout(self.ffn(h)))  # (B, T, H)
 
 
@@ -193,9 +194,8 @@ class BERT(nn.Module):
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         h = self.embeddings(input_ids, token_type_ids)  # (B, T, H)
-        bias = attention_bias(attention_mask, h.dtype)  # (B, 1, 1, T) or None
         for layer in self.layers:
-            h = layer(h, bias)  # (B, T, H)
+            h = layer(h, attention_mask)  # (B, T, H)
         return h
 
     def pooled_output(self, hidden: torch.Tensor) -> torch.Tensor:
