@@ -41,9 +41,9 @@ from zerotune.finetune.heads import SequenceClassifier, TokenClassifier, real_to
 from zerotune.models.init import check_scheme, init_weights
 
 ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
+    "gelu": nn.GELU,  # exact erf form
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": nn.ReLU,
 }
 
 
@@ -132,7 +132,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.up = nn.Linear(hidden, intermediate)
         self.down = nn.Linear(intermediate, hidden)
-        self.act = ACTIVATIONS[activation]
+        self.act = ACTIVATIONS[activation]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.act(self.up(x)))  # (B, T, H)
@@ -218,7 +218,7 @@ class BERTMaskedLM(nn.Module):
         self.body = body
         self.pad_id = pad_id
         self.transform = nn.Linear(cfg.hidden, cfg.hidden)
-        self.act = ACTIVATIONS[cfg.activation]
+        self.act = ACTIVATIONS[cfg.activation]()
         self.transform_norm = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         init_weights(self.transform, cfg.init)
