@@ -86,11 +86,13 @@ def test_import_masked_lm_from_pytorch_bin_with_prefix(tmp_path):
     assert isinstance(encoder, BERT)
 
 
-def test_export_loads_in_transformers(tmp_path):
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
+def test_export_loads_in_transformers(tmp_path, activation):
     torch.manual_seed(2)
-    model = BERT(
-        BERTConfig(vocab_size=99, hidden=32, layers=2, heads=4, intermediate=37, max_position=64)
-    ).eval()
+    cfg = BERTConfig(
+        vocab_size=99, hidden=32, layers=2, heads=4, intermediate=37, max_position=64, activation=activation
+    )
+    model = BERT(cfg).eval()
     save_hf_bert(model, tmp_path / "out")
     ref = AutoModel.from_pretrained(tmp_path / "out").eval()
     ids, mask, types = batch(2)
