@@ -72,10 +72,24 @@ TINY: dict[str, tuple[dict, DataInfo, torch.Tensor]] = {
         DataInfo("tokens", [7], classes=["neg", "pos"], vocab_size=30, pad_id=0),
         _tokens(),
     ),
+    "gpt": (
+        {"arch": "gpt", "block_size": 16, "n_layer": 2, "n_head": 4, "n_kv_heads": 2, "d_model": 16,
+         "mlp": "swiglu", "norm": "rmsnorm", "pos": "rope", "bias": False, "tie_embeddings": False, "dropout": 0.1},
+        DataInfo("tokens", [7], target="causal_lm", vocab_size=30),
+        _tokens(),
+    ),
+    "bert": (
+        {"arch": "bert", "hidden": 16, "layers": 2, "heads": 4, "intermediate": 32, "max_position": 16,
+         "dropout": 0.1},
+        DataInfo("tokens", [7], classes=["neg", "pos"], vocab_size=30, pad_id=0),
+        _tokens(),
+    ),
 }
 
 # arch → expected output shape for (example, info), where it is not (B, n_outputs)
-OUTPUT_SHAPES: dict[str, Callable[[torch.Tensor, DataInfo], tuple[int, ...]]] = {}
+OUTPUT_SHAPES: dict[str, Callable[[torch.Tensor, DataInfo], tuple[int, ...]]] = {
+    "gpt": lambda x, info: (*x.shape, info.vocab_size),
+}
 
 SCHEMES = ["default", "xavier_uniform", "xavier_normal", "he_uniform", "he_normal", "normal(0.02)"]
 ALL = sorted(ARCHS)

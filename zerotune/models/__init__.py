@@ -12,7 +12,7 @@ from pydantic import Field
 from torch import nn
 
 from zerotune.data.base import DataInfo
-from zerotune.models import cnn, gpt, mlp, rnn
+from zerotune.models import bert, cnn, gpt, mlp, rnn
 
 ARCHS = {
     "mlp": (mlp.MLPConfig, mlp.build),
@@ -20,6 +20,7 @@ ARCHS = {
     "resnet": (cnn.ResNetConfig, cnn.build_resnet),
     "rnn": (rnn.RNNConfig, rnn.build),
     "gpt": (gpt.GPTConfig, gpt.build),
+    "bert": (bert.BERTConfig, bert.build),
 }
 
 ModelConfig = Annotated[Union[tuple(cfg for cfg, _ in ARCHS.values())], Field(discriminator="arch")]  # noqa: UP007
