@@ -17,6 +17,7 @@ Per step, with logits z over the vocabulary:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -162,3 +163,60 @@ def generate(
     finally:
         model.train(was_training)
     return out
+
+
+def generate_text(
+    run: str | Path,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 100,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stream: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Generate from a trained decoder run: encode the prompts with the run's tokenizer, sample with the
+    KV cache, stop at EOS, and return each prompt's completion text. With one prompt and ``stream``,
+    text is passed to ``stream`` as it is produced (the prompt first).
+
+    Example:
+        >>> zerotune.generate("runs/pydoc_gpt_tiny", ["The with statement"], max_new_tokens=40, seed=0)
+    """
+    from zerotune.data.tokenizer import special_ids
+    from zerotune.run import load_run
+
+    loaded = load_run(run)
+    if loaded.tokenizer is None:
+        raise ZerotuneError("the run has no tokenizer.json; generation needs a text model", path=loaded.run.root)
+    if not hasattr(loaded.model, "new_cache"):
+        raise ZerotuneError(f"model.arch {loaded.meta['model'].get('arch')!r} is not a decoder; generate needs gpt",
+                            path=loaded.run.model_json)
+    tok = loaded.tokenizer
+    ids = special_ids(tok)
+    encoded = []
+    for text in prompts:
+        prompt = tok.encode(text, add_special_tokens=False).ids
+        if ids["bos"] is not None and ids["bos"] != ids["eos"]:
+            prompt = [ids["bos"], *prompt]
+        if not prompt:
+            raise ZerotuneError("--prompt: the prompt is empty and the tokenizer has no BOS token")
+        encoded.append(prompt)
+    printed = [0]
+
+    def on_token(row: int, tokens: list[int]) -> None:
+        text = tok.decode(tokens, skip_special_tokens=True)
+        if len(text) > printed[0] and not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
+            stream(text[printed[0]:])
+            printed[0] = len(text)
+
+    if stream is not None and len(prompts) == 1:
+        stream(prompts[0])
+    out = generate(loaded.model, encoded, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   repetition_penalty=repetition_penalty, eos_id=ids["eos"], seed=seed, pad_id=ids["pad"],
+                   stream=on_token if stream is not None and len(prompts) == 1 else None)
+    texts = [tok.decode(t, skip_special_tokens=True) for t in out]
+    if stream is not None and len(prompts) == 1 and len(texts[0]) > printed[0]:
+        stream(texts[0][printed[0]:])
+    return texts

@@ -226,3 +226,75 @@ def format_report(report: InspectReport) -> str:
         f"training state    {human(report.train_state_bytes, 'B')} (weights, grads, Adam moments)",
     ]
     return "\n".join(lines)
+
+
+def _info_for(cfg) -> DataInfo:
+    """The data description a config's model is built for, reading as little data as possible."""
+    from zerotune.data import load_source
+    from zerotune.errors import ZerotuneError
+
+    if cfg.task == "causal_lm":
+        kind, _, folder = cfg.data.train.partition(":")
+        vocab = getattr(cfg.model, "vocab_size", None)
+        if kind == "shards" and vocab is None:
+            from zerotune.data.shards import ShardDataset
+
+            vocab = ShardDataset(folder, "train").vocab_size
+        if vocab is None:
+            raise ZerotuneError("model.vocab_size: unknown until the shards exist; prepare them or set it")
+        return DataInfo("tokens", [cfg.model.block_size], target="causal_lm", vocab_size=vocab)
+    info = load_source(cfg.data.train, cfg.data).info
+    if cfg.task == "regression":
+        info.target, info.classes = "regression", []
+    return info
+
+
+def gpt_lines(cfg, batch: int, precision: str) -> list[str]:
+    from zerotune.models.gpt import flops_per_token, kv_cache_bytes_per_token, memory_estimate, num_params
+
+    mem = memory_estimate(cfg, batch, cfg.block_size, precision)
+    el = 4 if precision == "fp32" else 2
+    return [
+        f"parameters (no embeddings)  {num_params(cfg):,}   with embeddings {num_params(cfg, embeddings=True):,}",
+        f"FLOPs / token (training)    {human(flops_per_token(cfg, cfg.block_size))} "
+        "(6·N + 12·L·T·d; N without embeddings)",
+        f"KV cache / token            {human(kv_cache_bytes_per_token(cfg, el), 'B')} ({precision})",
+        f"memory, batch {batch} × {cfg.block_size} tokens, {precision}: "
+        f"weights {human(mem['params'], 'B')} · grads {human(mem['grads'], 'B')} · "
+        f"AdamW {human(mem['optimizer'], 'B')} · activations {human(mem['activations'], 'B')} · "
+        f"training total ≈ {human(mem['train_total'], 'B')} · inference with full KV cache ≈ "
+        f"{human(mem['inference_total'], 'B')}",
+    ]
+
+
+def inspect_target(target: str, overrides: list[str] | None = None, batch_size: int | None = None,
+                   as_json: bool = False) -> str:
+    """``zerotune inspect CONFIG|RUN``: the layer table, parameter count, FLOPs and memory as text (or JSON)."""
+    import json
+    from pathlib import Path
+
+    from zerotune.config import load_config
+    from zerotune.models import build_model
+    from zerotune.run import load_run
+
+    path = Path(target)
+    if path.is_dir():
+        loaded = load_run(path)
+        cfg = load_config(loaded.run.config)
+        model, info = loaded.model, loaded.info
+    else:
+        cfg = load_config(path, overrides)
+        info = _info_for(cfg)
+        if getattr(cfg.model, "vocab_size", "n/a") is None:
+            cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": info.vocab_size})})
+        model = build_model(cfg.model, info)
+    if info.kind == "tokens" and cfg.model.arch == "gpt":
+        info = DataInfo(info.kind, [min(info.input_shape[0], 64)], info.target, info.classes, info.vocab_size,
+                        info.pad_id)  # a short sequence is enough for the per-layer table
+    report = inspect_model(model, example_input(info))
+    batch = batch_size or cfg.train.batch_size
+    precision = "bf16" if cfg.train.precision == "bf16" else "fp32"
+    extra = gpt_lines(cfg.model, batch, precision) if cfg.model.arch == "gpt" else []
+    if as_json:
+        return json.dumps(report.to_dict() | {"estimates": extra})
+    return "\n".join([format_report(report), *extra])
