@@ -51,7 +51,7 @@ class DataConfig(Strict):
     val_split: float = Field(0.1, ge=0, lt=1)
     test_split: float = Field(0.2, ge=0, lt=1)
     text_column: str = "text"
-    label_column: str = "label"
+    label_column: str | None = "label"  # null: the file holds inputs only
     normalize: bool = True
     max_length: int = Field(128, ge=1)  # tokens per example for text classification
     vocab_size: int = Field(8000, ge=16)  # word vocabulary built for text data without a tokenizer

@@ -17,6 +17,7 @@ finds a run's held-out test examples again.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -212,6 +213,16 @@ def load_data(cfg, task: str = "classification", seed: int = 0) -> Data:
                             "set task: regression")
     stratify = info.target == "classification"
     pool = source.train
+    with tempfile.TemporaryDirectory() as tmp:
+        if source.tokenizer is not None and not cfg.tokenizer and hasattr(source.tokenizer, "save"):
+            # text: val/test files are encoded with the vocabulary built on the train file
+            source.tokenizer.save(str(Path(tmp) / "tokenizer.json"))
+            cfg = cfg.model_copy(update={"tokenizer": str(Path(tmp) / "tokenizer.json")})
+        return _splits(source, pool, cfg, seed, stratify)
+
+
+def _splits(source: Source, pool: Split, cfg, seed: int, stratify: bool) -> Data:
+    info = source.info
     if cfg.test:
         test = _check_compatible(source, load_source(cfg.test, cfg), cfg.test)
     elif source.test is not None:

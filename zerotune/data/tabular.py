@@ -236,8 +236,11 @@ def table_source(
 ) -> Source:
     """Turn a parsed table into a Source (numeric features or text, see the module docstring)."""
     cfg = _cfg(cfg)
-    label = _column(header, cfg.label_column, "label_column", path)
-    y, classes, target = parse_labels([r[label] for r in rows], lines, cfg.label_column, path)
+    if cfg.label_column is None:  # inputs only (e.g. for predict): no labels to read
+        label, y, classes, target = None, torch.zeros(len(rows), dtype=torch.long), [], "classification"
+    else:
+        label = _column(header, cfg.label_column, "label_column", path)
+        y, classes, target = parse_labels([r[label] for r in rows], lines, cfg.label_column, path)
     if cfg.text_column in header:
         text = header.index(cfg.text_column)
         texts = []

@@ -187,9 +187,26 @@ def _external_split_for_predict(loaded: LoadedRun, spec: str) -> torch.Tensor:
     data_cfg = cfg.data
     if loaded.run.tokenizer.is_file():  # text: encode with the run's own vocabulary
         data_cfg = data_cfg.model_copy(update={"tokenizer": str(loaded.run.tokenizer)})
+    if not _has_field(spec, data_cfg.label_column):
+        data_cfg = data_cfg.model_copy(update={"label_column": None})
     source = load_source(spec, data_cfg)
     x = source.train.x
     if list(x.shape[1:]) != list(loaded.info.input_shape):
         raise ZerotuneError(f"{spec}: examples have shape {list(x.shape[1:])}, the model expects "
                             f"{loaded.info.input_shape}")
     return loaded.preprocess.x(x)
+
+
+def _has_field(spec: str, name: str | None) -> bool:
+    """Whether a csv:/jsonl: file names ``name`` in its header (first line / first object)."""
+    kind, _, path = spec.partition(":")
+    if kind not in ("csv", "jsonl") or name is None or not Path(path).is_file():
+        return True
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        first = f.readline()
+    if kind == "csv":
+        return name in next(csv.reader([first]), [])
+    try:
+        return name in json.loads(first)
+    except (json.JSONDecodeError, TypeError):
+        return True  # let the loader report the problem

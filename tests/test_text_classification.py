@@ -1,0 +1,42 @@
+"""Text classification end to end: a CSV of texts → word vocabulary → RNN → evaluate → predict."""
+
+import csv
+import random
+
+from zerotune.evaluate import evaluate, predict
+from zerotune.train.api import train
+
+POS = ["great", "lovely", "excellent", "superb", "wonderful"]
+NEG = ["awful", "terrible", "dreadful", "poor", "horrible"]
+FILLER = ["the", "film", "was", "really", "quite", "a", "story", "and", "plot"]
+
+
+def write_reviews(path, n, seed):
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for _ in range(n):
+            label = rng.choice(["pos", "neg"])
+            words = rng.choices(FILLER, k=6) + [rng.choice(POS if label == "pos" else NEG)]
+            rng.shuffle(words)
+            w.writerow([" ".join(words), label])
+
+
+def test_rnn_learns_a_text_csv_and_predicts_with_its_own_vocabulary(tmp_path):
+    write_reviews(tmp_path / "train.csv", 400, 0)
+    write_reviews(tmp_path / "test.csv", 100, 1)
+    cfg = {
+        "data": {"train": f"csv:{tmp_path / 'train.csv'}", "test": f"csv:{tmp_path / 'test.csv'}",
+                 "max_length": 12, "val_split": 0.1},
+        "model": {"arch": "rnn", "cell": "gru", "hidden": 32, "embed_dim": 16, "pooling": "mean"},
+        "optim": {"name": "adam", "lr": 0.01},
+        "train": {"epochs": 8, "batch_size": 32, "progress": False},
+    }
+    run = train(cfg, out=tmp_path / "run", log=lambda *a: None)
+    assert (run / "tokenizer.json").exists()
+    assert evaluate(run)["accuracy"] > 0.95
+    with open(tmp_path / "new.csv", "w") as f:
+        f.write("text\nthe film was superb\nthe plot was dreadful\n")
+    rows = (predict(run, str(tmp_path / "new.csv"))).read_text().splitlines()
+    assert [r.split(",")[1] for r in rows[1:]] == ["pos", "neg"]
