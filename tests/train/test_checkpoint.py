@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from zerotune.errors import ZerotuneError
+from zerotune.errors import RunFailed, ZerotuneError
 from zerotune.train import checkpoint as ckpt
 
 
@@ -48,9 +48,9 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt, "save_file", full)
-    with pytest.raises(OSError):
+    with pytest.raises(RunFailed, match="step-000001: cannot write the checkpoint \\(No space left on device\\)"):
         ckpt.save_checkpoint(tmp_path, "step-000001", weights(), {"v": 2})
-    with pytest.raises(OSError):
+    with pytest.raises(RunFailed, match="model.safetensors: cannot write the file \\(No space left on device\\)"):
         ckpt.save_weights(tmp_path / "model.safetensors", weights())
     assert ckpt.verify(good) is None
     assert ckpt.load_checkpoint(good)[1] == {"v": 1}

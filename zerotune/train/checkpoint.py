@@ -9,9 +9,12 @@ Layout of ``RUN/checkpoints/``::
 
 A checkpoint folder is written under a temporary name, every file and the folder are
 fsynced, and only then renamed into place, so a crash (or a full disk) at any moment leaves
-the previous checkpoints intact. Loading verifies the manifest's checksums and falls back to
-the newest checkpoint that verifies, with a warning. ``state.pt`` holds only tensors and
-plain Python values and is read with ``torch.load(weights_only=True)``: it cannot run code.
+the previous checkpoints intact. A write that fails (``ENOSPC``, ``EIO``...) removes its partial
+files and raises :class:`~zerotune.errors.RunFailed` (exit code 1) naming the file. Loading
+verifies the manifest's checksums and falls back to the newest checkpoint that verifies, with
+a warning; before that, :func:`recover` undoes what a save killed half-way left behind.
+``state.pt`` holds only tensors and plain Python values and is read with
+``torch.load(weights_only=True)``: it cannot run code.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from zerotune.errors import ZerotuneError
+from zerotune.errors import RunFailed, ZerotuneError
 
 WEIGHTS, STATE, MANIFEST = "weights.safetensors", "state.pt", "manifest.json"
 
@@ -47,8 +50,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_failed(e: OSError, path: Path, what: str) -> RunFailed:
+    """An OSError while writing (disk full, I/O error) as a one-line RunFailed naming the file."""
+    reason = e.strerror or str(e) or type(e).__name__
+    return RunFailed(f"cannot write {what} ({reason}); files written before are kept", path=path)
+
+
 def atomic_write(path: str | Path, write) -> None:
-    """Write ``path`` by calling ``write(tmp_path)``, fsync, then rename over ``path``."""
+    """Write ``path`` by calling ``write(tmp_path)``, fsync, then rename over ``path``.
+
+    Raises:
+        RunFailed: the write failed (e.g. the disk is full); ``path`` keeps its old content.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -57,6 +70,8 @@ def atomic_write(path: str | Path, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
+    except OSError as e:
+        raise write_failed(e, path, "the file") from e
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -159,14 +174,19 @@ def save_checkpoint(
     state: dict[str, Any],
     keep_last: int | None = None,
 ) -> Path:
-    """Write checkpoint ``root/name`` atomically; with ``keep_last``, prune older step folders."""
+    """Write checkpoint ``root/name`` atomically; with ``keep_last``, prune older step folders.
+
+    Raises:
+        RunFailed: a write failed (e.g. the disk is full); the partial folder is removed and
+            every earlier checkpoint is left as it was.
+    """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
         save_file({k: v.cpu() for k, v in _unshare(weights).items()}, str(tmp / WEIGHTS))
         torch.save(state, tmp / STATE)
         for f in (WEIGHTS, STATE):
@@ -185,8 +205,10 @@ def save_checkpoint(
         fsync_dir(root)
         if old.exists():
             shutil.rmtree(old)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_failed(e, root / name, "the checkpoint") from e
         raise
     if keep_last:
         for stale in step_checkpoints(root)[:-keep_last]:
@@ -216,8 +238,36 @@ def verify(folder: Path) -> str | None:
     return None
 
 
+def recover(root: str | Path) -> None:
+    """Clean up after a save that was killed half-way (SIGKILL, power loss).
+
+    ``save_checkpoint`` replaces an existing ``NAME`` by renaming it to ``.old-NAME-PID`` and
+    then renaming the new folder into place. Killed between the two renames, ``NAME`` is gone
+    and ``.old-NAME-PID`` holds it: rename it back. Killed later, both exist: drop the old one.
+    ``.tmp-*`` folders are unfinished writes that never became checkpoints: remove them.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for path in sorted(root.iterdir()):
+        if not path.is_dir():
+            continue
+        if path.name.startswith(".tmp-"):
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.name.startswith(".old-"):
+            name = path.name.removeprefix(".old-").rpartition("-")[0]
+            if name and not (root / name).exists():
+                os.rename(path, root / name)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest step checkpoint that verifies; warns about each newer one that does not."""
+    """The newest step checkpoint that verifies; warns about each newer one that does not.
+
+    Calls :func:`recover` first, so a save that was killed half-way is finished or cleared.
+    """
+    recover(root)
     for folder in reversed(step_checkpoints(root)):
         problem = verify(folder)
         if problem is None:
