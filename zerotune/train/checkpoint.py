@@ -119,10 +119,10 @@ def load_state_dict_checked(model: torch.nn.Module, weights: dict[str, torch.Ten
         raise ZerotuneError(f"tensor {missing[0]!r} is missing ({len(missing)} missing in all)", path=source)
     if unexpected:
         raise ZerotuneError(f"unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)", path=source)
-    for k, v in weights.items():
-        if tuple(v.shape) != tuple(own[k].shape):
+    for k, mine in own.items():  # in the model's order: the first layer that does not fit is named
+        if tuple(weights[k].shape) != tuple(mine.shape):
             raise ZerotuneError(
-                f"tensor {k!r} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}", path=source
+                f"tensor {k!r} has shape {tuple(weights[k].shape)}, the model expects {tuple(mine.shape)}", path=source
             )
     model.load_state_dict(weights)
 
