@@ -50,9 +50,9 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_failed(e: OSError, path: Path, what: str) -> RunFailed:
-    """An OSError while writing (disk full, I/O error) as a one-line RunFailed naming the file."""
-    reason = e.strerror or str(e) or type(e).__name__
+def write_failed(e: OSError | SafetensorError, path: Path, what: str) -> RunFailed:
+    """A failed write (disk full, I/O error) as a one-line RunFailed naming the file."""
+    reason = getattr(e, "strerror", None) or str(e).splitlines()[0] or type(e).__name__
     return RunFailed(f"cannot write {what} ({reason}); files written before are kept", path=path)
 
 
@@ -70,7 +70,7 @@ def atomic_write(path: str | Path, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as SafetensorError
         raise write_failed(e, path, "the file") from e
     finally:
         if tmp.exists():
@@ -163,6 +163,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- checkpoints
 
 
+def _torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file, so a failed write surfaces as the OSError it is
+    (writing to a path, torch reports a full disk as a RuntimeError from its zip writer)."""
+    with open(path, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
+
+
 def step_name(step: int) -> str:
     return f"step-{step:06d}"
 
@@ -188,7 +200,7 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
         save_file({k: v.cpu() for k, v in _unshare(weights).items()}, str(tmp / WEIGHTS))
-        torch.save(state, tmp / STATE)
+        _torch_save(state, tmp / STATE)
         for f in (WEIGHTS, STATE):
             with open(tmp / f, "rb+") as fh:
                 os.fsync(fh.fileno())
@@ -207,7 +219,7 @@ def save_checkpoint(
             shutil.rmtree(old)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
+        if isinstance(e, (OSError, SafetensorError)):
             raise write_failed(e, root / name, "the checkpoint") from e
         raise
     if keep_last:

@@ -88,17 +88,26 @@ class MetricsLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(path.parent / "tb"), purge_step=resume_step + 1 if resume_step else None)
+            try:
+                self.writer = SummaryWriter(str(path.parent / "tb"), purge_step=resume_step + 1 if resume_step else None)
+            except OSError as e:
+                raise ckpt.write_failed(e, path.parent / "tb", "TensorBoard events") from e
 
     def write(self, record: dict[str, Any]) -> None:
         if self.path is None:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # disk full: one line naming the file; the checkpoints are untouched
+            raise ckpt.write_failed(e, self.path, "the file") from e
         if self.writer is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.writer.add_scalar(k, v, record["step"])
+            try:
+                for k, v in record.items():
+                    if k != "step" and isinstance(v, (int, float)):
+                        self.writer.add_scalar(k, v, record["step"])
+            except OSError as e:
+                raise ckpt.write_failed(e, self.path.parent / "tb", "TensorBoard events") from e
 
     def close(self) -> None:
         if self.writer is not None:
