@@ -89,7 +89,8 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             try:
-                self.writer = SummaryWriter(str(path.parent / "tb"), purge_step=resume_step + 1 if resume_step else None)
+                purge = resume_step + 1 if resume_step else None
+                self.writer = SummaryWriter(str(path.parent / "tb"), purge_step=purge)
             except OSError as e:
                 raise ckpt.write_failed(e, path.parent / "tb", "TensorBoard events") from e
 
