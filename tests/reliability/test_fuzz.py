@@ -297,3 +297,48 @@ def test_shard_index_reader(scratch, index, shard, block):
             assert x.shape == y.shape == (2, block)
         except ZerotuneError:
             pass
+
+
+# ---------------------------------------------------------------- .npz arrays and images
+
+
+def _npz_bytes() -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, x=np.arange(6, dtype=np.float32).reshape(3, 2), y=np.array([0, 1, 0]))
+    return buf.getvalue()
+
+
+def _png_bytes() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.arange(16, dtype=np.uint8).reshape(4, 4)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@FUZZ
+@given(blob=st.one_of(st.binary(max_size=40), mutated(_npz_bytes())))
+def test_npz_arrays_reader(scratch, blob):
+    from zerotune.data import load_arrays
+
+    path = scratch / "a.npz"
+    path.write_bytes(blob)
+    check(lambda p: load_arrays(str(p)), path)
+
+
+@FUZZ
+@given(blob=st.one_of(st.binary(max_size=40), mutated(_png_bytes())))
+def test_image_folder_reader(scratch, blob):
+    from zerotune.data.images import load_images
+
+    (scratch / "img" / "a").mkdir(parents=True, exist_ok=True)
+    path = scratch / "img" / "a" / "x.png"
+    path.write_bytes(blob)
+    try:
+        load_images(str(scratch / "img"))
+    except ZerotuneError as e:
+        assert str(path) in str(e) or str(scratch / "img") in str(e), str(e)

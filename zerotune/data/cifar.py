@@ -87,6 +87,7 @@ def load_pickle(path: Path) -> object:
         KeyError,
         LookupError,
         MemoryError,  # a corrupt length field asks for more bytes than there are
+        OverflowError,
     ) as e:
         raise ZerotuneError(f"not a readable CIFAR pickle ({type(e).__name__}: {e})", path=path) from None
     except OSError as e:
