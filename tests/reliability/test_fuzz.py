@@ -342,3 +342,47 @@ def test_image_folder_reader(scratch, blob):
         load_images(str(scratch / "img"))
     except ZerotuneError as e:
         assert str(path) in str(e) or str(scratch / "img") in str(e), str(e)
+
+
+# ---------------------------------------------------------------- checkpoint folders
+
+
+def _state_bytes() -> bytes:
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({"loop": {"step": 3}, "rng": torch.arange(4)}, buf)
+    return buf.getvalue()
+
+
+@FUZZ
+@given(state=st.one_of(st.binary(max_size=40), mutated(_state_bytes())),
+       manifest=st.one_of(st.none(), json_values.map(json.dumps), st.binary(max_size=20)),
+       files=st.dictionaries(st.sampled_from(["weights.safetensors", "state.pt", "../x", "", "sub"]),
+                             st.one_of(st.just("match"), json_values), max_size=3))
+def test_checkpoint_folder_reader(scratch, state, manifest, files):
+    import hashlib
+    import shutil
+    import warnings
+
+    from zerotune.train import checkpoint as ckpt
+
+    root = scratch / "ckpts"
+    shutil.rmtree(root, ignore_errors=True)
+    folder = root / "step-000003"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "state.pt").write_bytes(state)
+    ckpt.save_weights(folder / "weights.safetensors", {"w": np.zeros(2, np.float32)} and {})
+    digests = {f: hashlib.sha256((folder / f).read_bytes()).hexdigest() if (folder / f).is_file() else "0"
+               for f in ("weights.safetensors", "state.pt")}
+    if manifest is None:  # a manifest that matches, with fuzzed entries
+        manifest = json.dumps({"step": 3, "files": digests | {k: digests.get(k, "0") if v == "match" else v
+                                                             for k, v in files.items()}})
+    (folder / "manifest.json").write_bytes(manifest if isinstance(manifest, bytes) else manifest.encode())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        found = ckpt.latest_checkpoint(root)
+    assert found in (None, folder)
+    check(ckpt.load_checkpoint, folder)

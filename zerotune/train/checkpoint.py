@@ -50,9 +50,13 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
 def write_failed(e: OSError | SafetensorError, path: Path, what: str) -> RunFailed:
     """A failed write (disk full, I/O error) as a one-line RunFailed naming the file."""
-    reason = getattr(e, "strerror", None) or str(e).splitlines()[0] or type(e).__name__
+    reason = getattr(e, "strerror", None) or _first_line(e)
     return RunFailed(f"cannot write {what} ({reason}); files written before are kept", path=path)
 
 
@@ -107,7 +111,7 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[s
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
-        raise ZerotuneError(f"not a readable safetensors file ({str(e).splitlines()[0]})", path=path) from None
+        raise ZerotuneError(f"not a readable safetensors file ({_first_line(e)})", path=path) from None
 
 
 def load_state_dict_checked(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: object) -> None:
@@ -239,14 +243,23 @@ def step_checkpoints(root: str | Path) -> list[Path]:
 def verify(folder: Path) -> str | None:
     """None if the checkpoint folder is complete and its checksums match, else the problem."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        for f, digest in manifest["files"].items():
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{MANIFEST} is missing"
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return f"{MANIFEST} is unreadable"
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if (not isinstance(files, dict) or WEIGHTS not in files or STATE not in files
+            or not all(isinstance(d, str) and Path(f).name == f for f, d in files.items())):
+        return f"{MANIFEST} is unreadable"
+    for f, digest in files.items():
+        try:
             if sha256(folder / f) != digest:
                 return f"{f} does not match its checksum"
-    except FileNotFoundError as e:
-        return f"{Path(e.filename).name} is missing"
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-        return f"{MANIFEST} is unreadable"
+        except FileNotFoundError:
+            return f"{f} is missing"
+        except OSError:
+            return f"{f} is unreadable"
     return None
 
 
@@ -297,6 +310,9 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> t
     weights = load_weights(folder / WEIGHTS, device)
     try:
         state = torch.load(folder / STATE, map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError) as e:
-        raise ZerotuneError(f"{STATE} cannot be loaded safely ({str(e).splitlines()[0]})", path=folder) from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError, LookupError,
+            MemoryError, OverflowError) as e:  # what torch's weights-only unpickler raises on a damaged file
+        raise ZerotuneError(f"{STATE} cannot be loaded safely ({_first_line(e)})", path=folder) from None
+    if not isinstance(state, dict):
+        raise ZerotuneError(f"{STATE} holds a {type(state).__name__}, expected a mapping", path=folder)
     return weights, state
