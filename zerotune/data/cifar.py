@@ -33,6 +33,7 @@ except ImportError:  # numpy 1.x
     from numpy.core import multiarray as _multiarray  # type: ignore[no-redef]
     from numpy.core import numeric as _numeric  # type: ignore[no-redef]
 
+
 def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     """``_codecs.encode`` as protocol 2 uses it to store bytes, refusing any codec but latin1."""
     if not isinstance(text, str) or encoding.lower().replace("-", "").replace("_", "") not in ("latin1", "iso88591"):
@@ -83,9 +84,7 @@ def load_pickle(path: Path) -> object:
         ValueError,
         TypeError,
         AttributeError,
-        IndexError,
-        KeyError,
-        LookupError,
+        LookupError,  # IndexError, KeyError, an unknown codec
         MemoryError,  # a corrupt length field asks for more bytes than there are
         OverflowError,
     ) as e:
