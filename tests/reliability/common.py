@@ -61,7 +61,7 @@ def logged_steps(run: Path) -> list[int]:
     return steps
 
 
-def wait_for_step(proc: subprocess.Popen, run: Path, step: int, timeout: float = 120) -> int:
+def wait_for_step(proc: subprocess.Popen, run: Path, step: int, timeout: float = 300) -> int:
     """Poll metrics.jsonl until it logs ``step`` or more; return the last logged step."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

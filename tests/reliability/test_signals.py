@@ -22,7 +22,7 @@ def stop_with(sig: signal.Signals, proc, run, at_step: int, log) -> int:
     Returns the step the run says it stopped (and checkpointed) at."""
     wait_for_step(proc, run, at_step)
     proc.send_signal(sig)
-    code = proc.wait(timeout=60)
+    code = proc.wait(timeout=300)
     assert code == 128 + sig, (code, log.with_name(log.name + ".err").read_text())
     err = log.with_name(log.name + ".err").read_text().strip().splitlines()
     assert len(err) == 1, err
@@ -44,7 +44,7 @@ def test_sigint_then_sigterm_save_a_checkpoint_and_resume_exactly(tmp_path, refe
     second = stop_with(signal.SIGTERM, proc, run, first + 20, tmp_path / "b")
     assert f"from {ckpt.step_name(first)}" in (tmp_path / "b").read_text()
     proc = start(["train", "--resume", run], tmp_path / "c")
-    assert proc.wait(timeout=120) == 0, (tmp_path / "c.err").read_text()
+    assert proc.wait(timeout=300) == 0, (tmp_path / "c.err").read_text()
     assert f"from {ckpt.step_name(second)}" in (tmp_path / "c").read_text()
     assert_same_final_weights(run, reference_run)
     assert_same_metrics(run, reference_run)
