@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -132,16 +133,26 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
 
     run = open_run(path)
     meta = read_model_json(run)
-    try:
-        cfg = TypeAdapter(ModelConfig).validate_python(meta["model"])
-    except ValidationError as e:
-        raise ZerotuneError(f"model: {describe_error(e.errors()[0])}", path=run.model_json) from None
-    info = DataInfo.from_dict(meta["data_info"])
+    parsed: dict[str, Any] = {"preprocess": Preprocess()}
+    for key, kind in (("model", ModelConfig), ("data_info", DataInfo), ("preprocess", Preprocess)):
+        value = meta.get(key)
+        if key == "preprocess" and value is None:
+            continue
+        if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+            unknown = sorted(set(value) - {f.name for f in dataclasses.fields(kind)})
+            if unknown:
+                raise ZerotuneError(f"{key}.{unknown[0]}: unknown key", path=run.model_json)
+        try:
+            parsed[key] = TypeAdapter(kind).validate_python(value)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise ZerotuneError(describe_error({**err, "loc": (key, *err["loc"])}), path=run.model_json) from None
+    cfg, info = parsed["model"], parsed["data_info"]
     model = build_model(cfg, info)
     load_state_dict_checked(model, load_weights(run.weights), run.weights)
     tokenizer = None
     if run.tokenizer.is_file():
-        from tokenizers import Tokenizer
+        from zerotune.data.tokenizer import load_tokenizer
 
-        tokenizer = Tokenizer.from_file(str(run.tokenizer))
-    return LoadedRun(run, model.to(device).eval(), meta, info, Preprocess.from_dict(meta.get("preprocess")), tokenizer)
+        tokenizer = load_tokenizer(run.tokenizer)
+    return LoadedRun(run, model.to(device).eval(), meta, info, parsed["preprocess"], tokenizer)

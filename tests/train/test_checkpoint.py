@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from zerotune.errors import ZerotuneError
+from zerotune.errors import RunFailed, ZerotuneError
 from zerotune.train import checkpoint as ckpt
 
 
@@ -48,9 +48,9 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt, "save_file", full)
-    with pytest.raises(OSError):
+    with pytest.raises(RunFailed, match="step-000001: cannot write the checkpoint \\(No space left on device\\)"):
         ckpt.save_checkpoint(tmp_path, "step-000001", weights(), {"v": 2})
-    with pytest.raises(OSError):
+    with pytest.raises(RunFailed, match="model.safetensors: cannot write the file \\(No space left on device\\)"):
         ckpt.save_weights(tmp_path / "model.safetensors", weights())
     assert ckpt.verify(good) is None
     assert ckpt.load_checkpoint(good)[1] == {"v": 1}
@@ -95,3 +95,34 @@ def test_bad_weights_file_and_shape_mismatch(tmp_path):
         ckpt.load_state_dict_checked(model, {"weight": torch.zeros(2, 4), "bias": torch.zeros(3)}, p)
     with pytest.raises(ZerotuneError, match="tensor 'bias' is missing"):
         ckpt.load_state_dict_checked(model, {"weight": torch.zeros(3, 4)}, p)
+
+
+def test_recover_a_save_killed_between_its_renames(tmp_path):
+    step = ckpt.save_checkpoint(tmp_path, "step-000003", weights(), {"v": 3})
+    best = ckpt.save_checkpoint(tmp_path, "best", weights(), {"v": "best"})
+    best.rename(tmp_path / ".old-best-4242")  # killed after moving the old best aside
+    (tmp_path / ".tmp-step-000006-4242").mkdir()  # ... and while writing the next step
+    (tmp_path / ".tmp-step-000006-4242" / "weights.safetensors").write_bytes(b"half")
+    assert ckpt.latest_checkpoint(tmp_path) == step
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "step-000003"]
+    assert ckpt.load_checkpoint(best)[1] == {"v": "best"}
+
+
+def test_recover_a_save_killed_after_its_renames(tmp_path):
+    ckpt.save_checkpoint(tmp_path, "best", weights(), {"v": "old"})
+    (tmp_path / "best").rename(tmp_path / ".old-best-7")
+    ckpt.save_checkpoint(tmp_path, "best", weights(), {"v": "new"})  # the new one made it; the old one lingers
+    ckpt.recover(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+    assert ckpt.load_checkpoint(tmp_path / "best")[1] == {"v": "new"}
+
+
+@pytest.mark.parametrize("files", [["weights.safetensors", "state.pt"], {"state.pt": "0"},
+                                   {"weights.safetensors": "0", "state.pt": "0", "../../etc/passwd": "0"},
+                                   {"weights.safetensors": 1, "state.pt": "0"}])
+def test_manifest_with_bad_entries_is_damaged(tmp_path, files):
+    folder = ckpt.save_checkpoint(tmp_path, "step-000001", weights(), {})
+    (folder / "manifest.json").write_text(json.dumps({"step": 1, "files": files}))
+    assert ckpt.verify(folder) == "manifest.json is unreadable"
+    with pytest.raises(ZerotuneError, match=r"step-000001: checkpoint is damaged: manifest.json is unreadable"):
+        ckpt.load_checkpoint(folder)

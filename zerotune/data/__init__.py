@@ -18,6 +18,8 @@ finds a run's held-out test examples again.
 from __future__ import annotations
 
 import tempfile
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +45,8 @@ def load_arrays(arg: str, cfg=None) -> Source:
             if "x" not in f or "y" not in f:
                 raise ZerotuneError(f"expected arrays 'x' and 'y', found {sorted(f.files)}", path=path)
             x, y = f["x"], f["y"]
-    except (ValueError, OSError, EOFError) as e:
+    # zipfile raises NotImplementedError for an unknown zip version or compression, RuntimeError for encryption
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as e:
         raise ZerotuneError(f"not a readable .npz file ({e})", path=path) from None
     if len(x) != len(y):
         raise ZerotuneError(f"x has {len(x)} rows but y has {len(y)}", path=path)

@@ -33,6 +33,14 @@ except ImportError:  # numpy 1.x
     from numpy.core import multiarray as _multiarray  # type: ignore[no-redef]
     from numpy.core import numeric as _numeric  # type: ignore[no-redef]
 
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as protocol 2 uses it to store bytes, refusing any codec but latin1."""
+    if not isinstance(text, str) or encoding.lower().replace("-", "").replace("_", "") not in ("latin1", "iso88591"):
+        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r}: only latin1 byte strings are expected")
+    return codecs.encode(text, "latin1")
+
+
 # The only globals a pickled numpy array (protocols 0-5, numpy 1.x or 2.x) refers to.
 SAFE_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"): _multiarray._reconstruct,
@@ -41,7 +49,7 @@ SAFE_GLOBALS = {
     ("numpy._core.numeric", "_frombuffer"): _numeric._frombuffer,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): codecs.encode,  # how protocol 2 stores bytes
+    ("_codecs", "encode"): _latin1_encode,  # how protocol 2 stores bytes
 }
 
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -76,8 +84,9 @@ def load_pickle(path: Path) -> object:
         ValueError,
         TypeError,
         AttributeError,
-        IndexError,
-        KeyError,
+        LookupError,  # IndexError, KeyError, an unknown codec
+        MemoryError,  # a corrupt length field asks for more bytes than there are
+        OverflowError,
     ) as e:
         raise ZerotuneError(f"not a readable CIFAR pickle ({type(e).__name__}: {e})", path=path) from None
     except OSError as e:

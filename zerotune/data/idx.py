@@ -15,6 +15,7 @@ Images load as float32 (N, 1, H, W) raw pixel values 0..255; normalisation happe
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,14 +76,17 @@ def read_idx(path: str | Path, ndim: int | None = None) -> np.ndarray:
         raise ZerotuneError(f"header: truncated, {len(raw)} bytes for {dims} dimension sizes", path=path)
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
     dtype = np.dtype(DTYPES[code])
-    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = header + math.prod(shape) * dtype.itemsize  # Python ints: no overflow on absurd sizes
     if len(raw) != expected:
         what = "truncated" if len(raw) < expected else "has trailing bytes"
         raise ZerotuneError(
             f"dims {list(shape)}: {what}, the header needs {expected} bytes but the file has {len(raw)}",
             path=path,
         )
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    try:
+        return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    except ValueError:  # an empty array whose other sizes are beyond what numpy can index
+        raise ZerotuneError(f"dims {list(shape)}: not a valid array shape", path=path) from None
 
 
 def find_file(root: Path, prefix: str, kind: str) -> Path | None:

@@ -9,9 +9,12 @@ Layout of ``RUN/checkpoints/``::
 
 A checkpoint folder is written under a temporary name, every file and the folder are
 fsynced, and only then renamed into place, so a crash (or a full disk) at any moment leaves
-the previous checkpoints intact. Loading verifies the manifest's checksums and falls back to
-the newest checkpoint that verifies, with a warning. ``state.pt`` holds only tensors and
-plain Python values and is read with ``torch.load(weights_only=True)``: it cannot run code.
+the previous checkpoints intact. A write that fails (``ENOSPC``, ``EIO``...) removes its partial
+files and raises :class:`~zerotune.errors.RunFailed` (exit code 1) naming the file. Loading
+verifies the manifest's checksums and falls back to the newest checkpoint that verifies, with
+a warning; before that, :func:`recover` undoes what a save killed half-way left behind.
+``state.pt`` holds only tensors and plain Python values and is read with
+``torch.load(weights_only=True)``: it cannot run code.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from zerotune.errors import ZerotuneError
+from zerotune.errors import RunFailed, ZerotuneError
 
 WEIGHTS, STATE, MANIFEST = "weights.safetensors", "state.pt", "manifest.json"
 
@@ -47,8 +50,22 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def write_failed(e: OSError | SafetensorError, path: Path, what: str) -> RunFailed:
+    """A failed write (disk full, I/O error) as a one-line RunFailed naming the file."""
+    reason = getattr(e, "strerror", None) or _first_line(e)
+    return RunFailed(f"cannot write {what} ({reason}); files written before are kept", path=path)
+
+
 def atomic_write(path: str | Path, write) -> None:
-    """Write ``path`` by calling ``write(tmp_path)``, fsync, then rename over ``path``."""
+    """Write ``path`` by calling ``write(tmp_path)``, fsync, then rename over ``path``.
+
+    Raises:
+        RunFailed: the write failed (e.g. the disk is full); ``path`` keeps its old content.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -57,6 +74,8 @@ def atomic_write(path: str | Path, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as SafetensorError
+        raise write_failed(e, path, "the file") from e
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -92,7 +111,7 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[s
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
-        raise ZerotuneError(f"not a readable safetensors file ({str(e).splitlines()[0]})", path=path) from None
+        raise ZerotuneError(f"not a readable safetensors file ({_first_line(e)})", path=path) from None
 
 
 def load_state_dict_checked(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: object) -> None:
@@ -104,10 +123,10 @@ def load_state_dict_checked(model: torch.nn.Module, weights: dict[str, torch.Ten
         raise ZerotuneError(f"tensor {missing[0]!r} is missing ({len(missing)} missing in all)", path=source)
     if unexpected:
         raise ZerotuneError(f"unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)", path=source)
-    for k, v in weights.items():
-        if tuple(v.shape) != tuple(own[k].shape):
+    for k, mine in own.items():  # in the model's order: the first layer that does not fit is named
+        if tuple(weights[k].shape) != tuple(mine.shape):
             raise ZerotuneError(
-                f"tensor {k!r} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}", path=source
+                f"tensor {k!r} has shape {tuple(weights[k].shape)}, the model expects {tuple(mine.shape)}", path=source
             )
     model.load_state_dict(weights)
 
@@ -148,6 +167,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- checkpoints
 
 
+def _torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file, so a failed write surfaces as the OSError it is
+    (writing to a path, torch reports a full disk as a RuntimeError from its zip writer)."""
+    with open(path, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
+
+
 def step_name(step: int) -> str:
     return f"step-{step:06d}"
 
@@ -159,16 +190,21 @@ def save_checkpoint(
     state: dict[str, Any],
     keep_last: int | None = None,
 ) -> Path:
-    """Write checkpoint ``root/name`` atomically; with ``keep_last``, prune older step folders."""
+    """Write checkpoint ``root/name`` atomically; with ``keep_last``, prune older step folders.
+
+    Raises:
+        RunFailed: a write failed (e.g. the disk is full); the partial folder is removed and
+            every earlier checkpoint is left as it was.
+    """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
         save_file({k: v.cpu() for k, v in _unshare(weights).items()}, str(tmp / WEIGHTS))
-        torch.save(state, tmp / STATE)
+        _torch_save(state, tmp / STATE)
         for f in (WEIGHTS, STATE):
             with open(tmp / f, "rb+") as fh:
                 os.fsync(fh.fileno())
@@ -185,8 +221,10 @@ def save_checkpoint(
         fsync_dir(root)
         if old.exists():
             shutil.rmtree(old)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, SafetensorError)):
+            raise write_failed(e, root / name, "the checkpoint") from e
         raise
     if keep_last:
         for stale in step_checkpoints(root)[:-keep_last]:
@@ -205,19 +243,56 @@ def step_checkpoints(root: str | Path) -> list[Path]:
 def verify(folder: Path) -> str | None:
     """None if the checkpoint folder is complete and its checksums match, else the problem."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        for f, digest in manifest["files"].items():
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{MANIFEST} is missing"
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return f"{MANIFEST} is unreadable"
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if (not isinstance(files, dict) or WEIGHTS not in files or STATE not in files
+            or not all(isinstance(d, str) and Path(f).name == f for f, d in files.items())):
+        return f"{MANIFEST} is unreadable"
+    for f, digest in files.items():
+        try:
             if sha256(folder / f) != digest:
                 return f"{f} does not match its checksum"
-    except FileNotFoundError as e:
-        return f"{Path(e.filename).name} is missing"
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-        return f"{MANIFEST} is unreadable"
+        except FileNotFoundError:
+            return f"{f} is missing"
+        except OSError:
+            return f"{f} is unreadable"
     return None
 
 
+def recover(root: str | Path) -> None:
+    """Clean up after a save that was killed half-way (SIGKILL, power loss).
+
+    ``save_checkpoint`` replaces an existing ``NAME`` by renaming it to ``.old-NAME-PID`` and
+    then renaming the new folder into place. Killed between the two renames, ``NAME`` is gone
+    and ``.old-NAME-PID`` holds it: rename it back. Killed later, both exist: drop the old one.
+    ``.tmp-*`` folders are unfinished writes that never became checkpoints: remove them.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for path in sorted(root.iterdir()):
+        if not path.is_dir():
+            continue
+        if path.name.startswith(".tmp-"):
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.name.startswith(".old-"):
+            name = path.name.removeprefix(".old-").rpartition("-")[0]
+            if name and not (root / name).exists():
+                os.rename(path, root / name)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest step checkpoint that verifies; warns about each newer one that does not."""
+    """The newest step checkpoint that verifies; warns about each newer one that does not.
+
+    Calls :func:`recover` first, so a save that was killed half-way is finished or cleared.
+    """
+    recover(root)
     for folder in reversed(step_checkpoints(root)):
         problem = verify(folder)
         if problem is None:
@@ -235,6 +310,9 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> t
     weights = load_weights(folder / WEIGHTS, device)
     try:
         state = torch.load(folder / STATE, map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError) as e:
-        raise ZerotuneError(f"{STATE} cannot be loaded safely ({str(e).splitlines()[0]})", path=folder) from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError, LookupError,
+            MemoryError, OverflowError) as e:  # what torch's weights-only unpickler raises on a damaged file
+        raise ZerotuneError(f"{STATE} cannot be loaded safely ({_first_line(e)})", path=folder) from None
+    if not isinstance(state, dict):
+        raise ZerotuneError(f"{STATE} holds a {type(state).__name__}, expected a mapping", path=folder)
     return weights, state

@@ -83,26 +83,45 @@ class MetricsLog:
         if path is None:
             return
         if path.exists():  # resuming: drop lines past the checkpoint so no step appears twice
-            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            keep = [ln for ln in path.read_text().splitlines() if _logged_step(ln) <= resume_step]
             ckpt.atomic_write_text(path, "".join(ln + "\n" for ln in keep))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(path.parent / "tb"), purge_step=resume_step + 1 if resume_step else None)
+            try:
+                purge = resume_step + 1 if resume_step else None
+                self.writer = SummaryWriter(str(path.parent / "tb"), purge_step=purge)
+            except OSError as e:
+                raise ckpt.write_failed(e, path.parent / "tb", "TensorBoard events") from e
 
     def write(self, record: dict[str, Any]) -> None:
         if self.path is None:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # disk full: one line naming the file; the checkpoints are untouched
+            raise ckpt.write_failed(e, self.path, "the file") from e
         if self.writer is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.writer.add_scalar(k, v, record["step"])
+            try:
+                for k, v in record.items():
+                    if k != "step" and isinstance(v, (int, float)):
+                        self.writer.add_scalar(k, v, record["step"])
+            except OSError as e:
+                raise ckpt.write_failed(e, self.path.parent / "tb", "TensorBoard events") from e
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _logged_step(line: str) -> float:
+    """The step of one metrics.jsonl line; a torn line (killed mid-write) sorts last and is dropped."""
+    try:
+        step = json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+    return step if isinstance(step, int) else math.inf
 
 
 def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
@@ -211,6 +230,7 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
             window_samples += len(x)
 
             record: dict[str, Any] = {}
+            save_step = bool(t.checkpoint_every) and state.step % t.checkpoint_every == 0
             end_of_epoch = state.step % steps_per_epoch == 0
             if state.step % t.log_every == 0 or state.step >= total:
                 elapsed = time.perf_counter() - window_start
@@ -242,14 +262,15 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
                         log(f"early stopping at step {state.step}: {metric} has not improved for "
                             f"{early.patience} evaluations (best {state.best_value:.4g} at step {state.best_step})")
                 if not t.checkpoint_every:
-                    save()
-            if t.checkpoint_every and state.step % t.checkpoint_every == 0:
-                save()
+                    save_step = True
+            # the metrics line goes first: a checkpoint never runs ahead of metrics.jsonl
             if record:
                 logger.write({"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), **record})
                 if bar is not None:
                     bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in
                                      ("loss", "val_loss", "val_accuracy", "samples_per_sec", "tokens_per_sec")})
+            if save_step:
+                save()
             if bar is not None:
                 bar.update(1)
             if caught:
