@@ -50,7 +50,7 @@ import torch.distributed as dist
 from torch import nn
 
 from zerotune.config import TrainConfig
-from zerotune.errors import RunFailed, ZerotuneError
+from zerotune.errors import ZerotuneError
 
 EVAL_BATCH = 1024
 # Communication failures surface as RuntimeError (gloo) or DistError (NCCL, stores); these words
@@ -58,18 +58,26 @@ EVAL_BATCH = 1024
 _COMM_MARKERS = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "broken pipe")
 
 
-class DistributedError(RunFailed):
-    """A process of a multi-process run could not join, or lost contact with the others (exit 1).
+class DistributedError(ZerotuneError):
+    """A process of a multi-process run could not join or lost contact with the others (exit 1),
+    or its launch environment is wrong (exit 2).
 
     Unlike other errors (which rank 0 reports for everyone), every process prints this one.
     """
+
+    def __init__(self, message: str, *, path: object | None = None, exit_code: int = 1) -> None:
+        super().__init__(message, path=path)
+        self.exit_code = exit_code
 
 
 def env_rank() -> int:
     """This process's rank: the joined process group's, else torchrun's RANK, else 0."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    return int(os.environ.get("RANK", "0") or 0)
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0  # reported by session() as a bad environment
 
 
 def should_report(error: BaseException) -> bool:
@@ -86,7 +94,7 @@ def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if text.startswith("[") and "] " in text:  # drop gloo's "[/path/pair.cc:553] " source location
         text = text.split("] ", 1)[1]
-    return text
+    return text.split(". ", 1)[0]
 
 
 def is_comm_failure(error: BaseException) -> bool:
@@ -152,7 +160,9 @@ class Parallel:
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         """The plain module inside a DDP wrapper (FSDP2 shards the module in place)."""
-        return model.module if self.strategy == "ddp" else model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return model.module if isinstance(model, DistributedDataParallel) else model
 
     def gathered_model(self, model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module | None:
         """After training: a plain, unsharded model on rank 0 (None elsewhere). Collective."""
@@ -361,9 +371,11 @@ def _world() -> tuple[int, int, int]:
         rank, world = int(raw["RANK"] or ""), int(raw["WORLD_SIZE"] or "")
         local = int(raw["LOCAL_RANK"] or rank)
     except ValueError:
-        raise ZerotuneError(f"environment: RANK, WORLD_SIZE and LOCAL_RANK must be integers, got {raw}") from None
+        raise DistributedError(f"environment: RANK, WORLD_SIZE and LOCAL_RANK must be integers, got {raw}",
+                               exit_code=2) from None
     if not 0 <= rank < world:
-        raise ZerotuneError(f"environment: RANK={rank} is outside 0..WORLD_SIZE-1 (WORLD_SIZE={world})")
+        raise DistributedError(f"environment: RANK={rank} is outside 0..WORLD_SIZE-1 (WORLD_SIZE={world})",
+                               exit_code=2)
     return rank, world, local
 
 
@@ -445,7 +457,7 @@ def launch(nproc: int, argv: list[str]) -> int:
                                          *argv])
     quiet = logging.getLogger("torch.distributed")
     level = quiet.level
-    quiet.setLevel(logging.ERROR)  # the agent's progress notes; each process reports for itself
+    quiet.setLevel(logging.CRITICAL)  # the launcher's notes and failure summary: each process reports for itself
     try:
         run(args)
     except ChildFailedError as e:
