@@ -3,7 +3,7 @@
 The reference is the single-process run of the same config. The 2-process runs use
 grad_accum 3 and a batch size (51) whose slices are uneven (26/25, last batch 10/9 with an
 empty micro-batch), so the split, the micro-batching and the count weighting are all exercised.
-Tolerances: 1e-5 absolute on every weight after 52 Adam steps (measured differences ~1e-7,
+Tolerances: 1e-5 absolute on every weight after 26 Adam steps (measured differences ~1e-7,
 from the order of float sums only).
 """
 
@@ -34,7 +34,7 @@ from zerotune.train.api import make_task, train
 from zerotune.train.loop import train_loop
 from zerotune.train.tasks import SupervisedTask
 
-CFG = tiny_config(batch_size=51, grad_clip=0.5, checkpoint_every=10, keep_last=10)  # 26 steps/epoch, 52 steps
+CFG = tiny_config(epochs=1, batch_size=51, grad_clip=0.5, checkpoint_every=10, keep_last=10)  # 26 steps
 DIST = {**CFG, "train": {**CFG["train"], "grad_accum": 3}}
 TOL = {"atol": 1e-5, "rtol": 0}
 quiet = lambda *a, **k: None
@@ -84,7 +84,7 @@ class Blocks(nn.Module):
 
 
 def train_blocks(par: D.Parallel) -> dict[str, torch.Tensor]:
-    cfg = load_config({**CFG, "train": {**CFG["train"], "epochs": 1}})
+    cfg = load_config(CFG)
     task = make_task(cfg, torch.device("cpu"))
     torch.manual_seed(0)
     model = Blocks()
@@ -165,7 +165,7 @@ def test_checkpoint_of_one_process_resumes_on_two(single, two):
 
 
 def test_checkpoint_of_two_processes_resumes_on_one(single, two, tmp_path):
-    run = cut(two / "fsdp", tmp_path / "fsdp_cut", 30)
+    run = cut(two / "fsdp", tmp_path / "fsdp_cut", 10)
     train(resume=run, log=quiet)
     assert_same_weights(single, run)
 
@@ -181,7 +181,8 @@ def test_fsdp_shards_each_block_with_activation_checkpointing(two):
 def test_a_process_that_dies_stops_the_others_with_one_line(two):
     fail = json.loads((two / "rank0.json").read_text())["fail"]
     assert fail["type"] == "DistributedError" and fail["exit_code"] == 1
-    assert fail["message"].startswith("rank 0: lost contact with the other processes of the run")
+    assert fail["message"].startswith("rank 0: lost contact with another process of the run, which stopped or "
+                                      "failed (")
     assert "\n" not in fail["message"]
 
 
@@ -201,7 +202,7 @@ def test_cli_nproc_ddp_matches_one_process_and_resumes_on_one(single, tmp_path):
     state = torch.load(ckpt.latest_checkpoint(out / "checkpoints") / ckpt.STATE, weights_only=True)
     ref = torch.load(ckpt.latest_checkpoint(single / "checkpoints") / ckpt.STATE, weights_only=True)
     assert state["optimizer"]["param_groups"] == ref["optimizer"]["param_groups"]  # single-process format
-    run = cut(out, tmp_path / "ddp_cut", 40)
+    run = cut(out, tmp_path / "ddp_cut", 20)
     train(resume=run, log=quiet)
     assert_same_weights(single, run)
 

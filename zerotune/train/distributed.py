@@ -40,6 +40,7 @@ import datetime
 import logging
 import math
 import os
+import signal
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -427,8 +428,8 @@ def session(train: TrainConfig, device: torch.device, log: Callable[..., Any] = 
         except RuntimeError as e:
             if not is_comm_failure(e):
                 raise
-            raise DistributedError(f"rank {rank}: lost contact with the other processes of the run "
-                                   f"({_first_line(e)}); the first failing process says why") from None
+            raise DistributedError(f"rank {rank}: lost contact with another process of the run, which stopped "
+                                   f"or failed ({_first_line(e)})") from None
     finally:
         if owned and dist.is_initialized():
             dist.destroy_process_group()
@@ -441,7 +442,8 @@ def launch(nproc: int, argv: list[str]) -> int:
     """Run ``zerotune <argv>`` as ``nproc`` processes on this machine through torchrun.
 
     Equivalent to ``torchrun --standalone --nproc-per-node NPROC -m zerotune ARGV``. Each
-    process prints its own errors; the return value is the exit code of the first that failed.
+    process prints its own errors; the return value is the exit code of the first that failed
+    (a process killed by a signal raises :class:`DistributedError` naming it).
     """
     if nproc < 1:
         raise ZerotuneError(f"--nproc: expected a positive number of processes, got {nproc}")
@@ -455,18 +457,25 @@ def launch(nproc: int, argv: list[str]) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "--module", "zerotune",
                                          *argv])
-    quiet = logging.getLogger("torch.distributed")
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)  # the launcher's notes and failure summary: each process reports for itself
+    # the launcher's own notes and failure summary: each process reports for itself
+    quiet = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("torch.distributed")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.CRITICAL)
     try:
         run(args)
     except ChildFailedError as e:
-        code = e.get_first_failure()[1].exitcode
-        return code if code > 0 else 128 - code  # killed by signal -s → 128 + s
+        rank, failure = e.get_first_failure()
+        if failure.exitcode > 0:  # the process printed its own error line
+            return failure.exitcode
+        sig = -failure.exitcode  # killed by a signal, so it could not say anything itself
+        raise DistributedError(f"process {rank} of {nproc} was killed by {signal.Signals(sig).name}",
+                               exit_code=128 + sig) from None
     except SignalException as e:
         return 128 + int(e.sigval)
     finally:
-        quiet.setLevel(level)
+        for q, level in zip(quiet, levels, strict=True):
+            q.setLevel(level)
     return 0
 
 
