@@ -95,7 +95,7 @@ def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if text.startswith("[") and "] " in text:  # drop gloo's "[/path/pair.cc:553] " source location
         text = text.split("] ", 1)[1]
-    return text.split(". ", 1)[0]
+    return text.split(". This is typically", 1)[0]  # gloo's advice sentence and emoji
 
 
 def is_comm_failure(error: BaseException) -> bool:
