@@ -83,21 +83,23 @@ class Blocks(nn.Module):
         return self.out(h)  # (B, 10)
 
 
-def train_blocks(par: D.Parallel) -> dict[str, torch.Tensor]:
+def train_blocks(par: D.Parallel) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     cfg = load_config(CFG)
     task = make_task(cfg, torch.device("cpu"))
     torch.manual_seed(0)
     model = Blocks()
     train_loop(model, task, cfg, log=quiet, par=par)
-    return par.model_state(model)
+    return model, par.model_state(model)
 
 
 # ---------------------------------------------------------------- 2 processes (spawned)
 
 
 def _worker(rank: int, root: Path, port: int) -> None:
-    """Runs as each of 2 processes: FSDP run, 1→2 resume, block-sharded model, then rank 1 dies."""
+    """Runs as each of 2 processes: FSDP run, 1→2 resume, block-sharded model, an existing --out,
+    then rank 1 dies."""
     import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
@@ -108,9 +110,15 @@ def _worker(rank: int, root: Path, port: int) -> None:
     train(fsdp, out=root / "fsdp", log=quiet)
     train(resume=root / "single_cut", log=quiet)  # saved by 1 process (its config: strategy fsdp)
     par = D.Parallel(rank, 2, "fsdp", torch.device("cpu"), activation_checkpointing=True)
-    state = train_blocks(par)
+    model, state = train_blocks(par)
+    result["sharded"] = [isinstance(m, FSDPModule) for m in (model, model.blocks[0], model.blocks[1], model.inp)]
     if rank == 0:
         ckpt.save_weights(root / "blocks_fsdp.safetensors", state)
+    try:
+        train(fsdp, out=root / "fsdp", log=quiet)  # exists, no overwrite: rank 0 refuses for everyone
+    except ZerotuneError as e:
+        result["exists"] = str(e)
+    (root / f"rank{rank}.json").write_text(json.dumps(result))  # rank 1 will not get further
 
     real_batch = SupervisedTask.batch
 
@@ -171,11 +179,19 @@ def test_checkpoint_of_two_processes_resumes_on_one(single, two, tmp_path):
 
 
 def test_fsdp_shards_each_block_with_activation_checkpointing(two):
-    one = train_blocks(D.Parallel())
+    assert json.loads((two / "rank1.json").read_text())["sharded"] == [True, True, True, False]
+    _, one = train_blocks(D.Parallel())
     two_w = ckpt.load_weights(two / "blocks_fsdp.safetensors")
     assert sorted(one) == sorted(two_w)
     for k in one:
         torch.testing.assert_close(two_w[k], one[k], **TOL, msg=k)
+
+
+def test_rank_0_alone_checks_the_run_folder(two):
+    for rank in (0, 1):
+        message = json.loads((two / f"rank{rank}.json").read_text())["exists"]
+        assert message == f"{two / 'fsdp'}: run folder already exists; pass --overwrite to replace it or --out to " \
+                          "choose another"
 
 
 def test_a_process_that_dies_stops_the_others_with_one_line(two):
