@@ -192,7 +192,7 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
         while state.step < total and not state.stopped_early:
             step = state.step
             x, y = task.batch(step)
-            n = len(y)
+            n = task.count(y)  # examples (or target tokens) in the whole step's batch
             optimizer.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), device=device)
             parts = par.micro_batches(x, y, t.batch_size, t.grad_accum)  # this process's share
@@ -224,7 +224,7 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
             state.step += 1
             state.window_loss += loss_value
             state.window_steps += 1
-            window_samples += n
+            window_samples += len(x)
 
             record: dict[str, Any] = {}
             end_of_epoch = state.step % steps_per_epoch == 0
@@ -234,6 +234,8 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
                            "lr": scheduler.get_last_lr()[0],
                            f"{task.unit}_per_sec": window_samples * task.units_per_example / max(elapsed, 1e-9)}
                 record |= task.extra_log(record)
+                if "mfu" in record:  # the throughput is all processes', the peak one device's
+                    record["mfu"] /= par.world_size
                 state.window_loss, state.window_steps = 0.0, 0
                 window_samples, window_start = 0, time.perf_counter()
             evaluate_now = (state.step % t.eval_every == 0) if t.eval_every else end_of_epoch
