@@ -23,8 +23,14 @@ class Parser(argparse.ArgumentParser):
 
 
 def _train(a: argparse.Namespace) -> int:
+    from zerotune.train import distributed
     from zerotune.train.api import train
 
+    if a.nproc is not None and a.nproc != 1:  # the same command as N processes, through torchrun
+        argv = [*(["--debug"] if a.debug else []), "train", *([a.config] if a.config else []),
+                *[x for kv in a.set or [] for x in ("--set", kv)], *(["--out", a.out] if a.out else []),
+                *(["--overwrite"] if a.overwrite else []), *(["--resume", a.resume] if a.resume else [])]
+        return distributed.launch(a.nproc, argv)
     if a.resume:
         if a.config or a.set:
             raise ZerotuneError("--resume continues a run with its own config.yaml; do not pass CONFIG or --set")
@@ -33,7 +39,8 @@ def _train(a: argparse.Namespace) -> int:
     if not a.config:
         raise ZerotuneError("zerotune train: give a CONFIG file, or --resume RUN")
     run = train(a.config, out=a.out, overwrite=a.overwrite, overrides=a.set)
-    print(f"run folder: {run}")
+    if distributed.env_rank() == 0:
+        print(f"run folder: {run}")
     return 0
 
 
@@ -141,6 +148,8 @@ def build_parser() -> Parser:
     s.add_argument("--out", help="run folder (default runs/<config name>)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     s.add_argument("--resume", metavar="RUN", help="continue RUN from its latest good checkpoint")
+    s.add_argument("--nproc", type=int, metavar="N", help="train with N processes on this machine (starts torchrun; "
+                   "one per GPU, or CPU processes); see docs/distributed.md")
     s.set_defaults(fn=_train)
 
     s = sub.add_parser("evaluate", help="metrics of a trained run on its test split or other data",
@@ -233,7 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     except ZerotuneError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        from zerotune.train.distributed import should_report
+
+        if should_report(e):  # with several processes, rank 0 speaks for all about shared inputs
+            print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except OSError as e:  # disk full, I/O error outside the writers that already say so: exit 1
         if debug:

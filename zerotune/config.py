@@ -114,6 +114,9 @@ class TrainConfig(Strict):
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_skips: int = Field(10, ge=0)
     progress: bool = True
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"  # several processes (torchrun): auto = ddp
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
+    dist_timeout: int = Field(600, ge=1)  # seconds a process waits for the others before giving up
 
     @model_validator(mode="after")
     def _some_stop(self) -> TrainConfig:

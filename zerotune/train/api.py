@@ -69,10 +69,16 @@ def train(config: str | Path | dict | Config | None = None, *, out: str | Path |
         resume: a run folder to continue from its latest good checkpoint (its own config.yaml).
         overrides: ``["train.epochs=3", ...]`` or ``{"train.epochs": 3}``.
 
+    Started by torchrun (or inside an initialised process group), each process runs this same
+    call: see :mod:`zerotune.train.distributed`. Rank 0 writes the run folder and returns its path.
+
     Example:
         >>> run = zerotune.train("configs/digits_mlp.yaml", overrides=["train.epochs=2"], out="runs/x")
     """
     from zerotune.models import build_model
+    from zerotune.train import distributed
+
+    log = distributed.main_only(log)
 
     if resume is not None:
         run = open_run(resume)
@@ -88,28 +94,49 @@ def train(config: str | Path | dict | Config | None = None, *, out: str | Path |
         start, run = None, None
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.train.device)
-    task = make_task(cfg, device)  # validates the data before any folder is touched
-    cfg = resolve_vocab(cfg, task)
-    if hasattr(task, "model_cfg"):
-        task.model_cfg = cfg.model  # with the vocabulary resolved, for the FLOPs count
-    model = build_model(cfg.model, task.info).to(device)
-    if run is None:
-        run = create_run(out or default_out(config), overwrite)
-        atomic_write_text(run.config, cfg.to_yaml())
-    if task.tokenizer is not None and hasattr(task.tokenizer, "save"):
-        task.tokenizer.save(str(run.tokenizer))
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"{cfg.model.arch}: {n_params:,} parameters · {task.describe()} · device {device}")
-    state = train_loop(model, task, cfg, checkpoints=run.checkpoints, metrics_path=run.metrics, device=device,
-                       resume=start, log=log)
+    with distributed.session(cfg.train, pick_device(cfg.train.device), log) as par:
+        device = par.device
+        seed_everything(cfg.seed)
+        task = make_task(cfg, device)  # validates the data before any folder is touched
+        cfg = resolve_vocab(cfg, task)
+        if hasattr(task, "model_cfg"):
+            task.model_cfg = cfg.model  # with the vocabulary resolved, for the FLOPs count
+        model = build_model(cfg.model, task.info).to(device)
+        if run is None:
+            root = Path(out or default_out(config))
+            par.on_main(lambda: _new_run(root, overwrite, cfg))  # the others wait, then open it
+            run = Run(root) if par.is_main else _shared_run(root)
+        if par.is_main and task.tokenizer is not None and hasattr(task.tokenizer, "save"):
+            task.tokenizer.save(str(run.tokenizer))
+        n_params = sum(p.numel() for p in model.parameters())
+        log(f"{cfg.model.arch}: {n_params:,} parameters · {task.describe()} · device {device}")
+        state = train_loop(model, task, cfg, checkpoints=run.checkpoints,
+                           metrics_path=run.metrics if par.is_main else None, device=device, resume=start, log=log,
+                           par=par)
+        model = par.gathered_model(model, lambda: build_model(cfg.model, task.info).to(device))
+        if not par.is_main:
+            return run.root
     meta = {"format": "zerotune", "version": 1, "task": cfg.task, "model": cfg.model.model_dump(mode="json"),
             "data_info": task.info.to_dict(), **task.model_meta(), "seed": cfg.seed,
             "step": state.step, "best_step": state.best_step, "finished": True}
     save_model(run, model, meta)
     _finish(run, cfg, task, model, log)
     return run.root
+
+
+def _new_run(root: Path, overwrite: bool, cfg: Config) -> None:
+    run = create_run(root, overwrite)
+    atomic_write_text(run.config, cfg.to_yaml())
+
+
+def _shared_run(root: Path) -> Run:
+    """The run folder rank 0 made, seen from another process (it must be on a shared filesystem)."""
+    from zerotune.train.distributed import DistributedError, env_rank
+
+    if not (root / "config.yaml").is_file():
+        raise DistributedError(f"rank {env_rank()}: the run folder made by rank 0 is not visible here; every "
+                               "process needs it on a shared filesystem", path=root)
+    return Run(root)
 
 
 def _finish(run: Run, cfg: Config, task, model, log) -> None:

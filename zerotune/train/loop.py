@@ -9,7 +9,9 @@ For each optimizer step s (until train.epochs or train.max_steps, whichever come
     track the best value of early_stopping.metric, checkpoint, stop early on no improvement.
 
 Because micro-batch losses are summed and divided by the full batch size, the update is the
-same whatever train.grad_accum is (up to float rounding), and the same on N processes.
+same whatever train.grad_accum is (up to float rounding), and the same on N processes:
+``par`` (a :class:`~zerotune.train.distributed.Parallel`) gives each process its slice of the
+batch and sums across processes; with one process each of its calls is the plain operation.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch import nn
 from zerotune.config import Config
 from zerotune.errors import Interrupted, RunFailed, ZerotuneError
 from zerotune.train import checkpoint as ckpt
+from zerotune.train.distributed import Parallel
 from zerotune.train.optim import make_optimizer, make_scheduler
 
 
@@ -150,42 +153,53 @@ def stop_signals():
 
 def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None = None,
                metrics_path: Path | None = None, device: torch.device | None = None,
-               resume: Path | None = None, log=print) -> LoopState:
+               resume: Path | None = None, log=print, par: Parallel | None = None) -> LoopState:
     """Train ``model`` on ``task`` as ``cfg.train`` says. Returns the final loop state.
 
     With ``checkpoints`` set, checkpoints are written there (latest + best); with ``resume``
-    (a checkpoint folder), the run continues exactly where that checkpoint left it.
+    (a checkpoint folder), the run continues exactly where that checkpoint left it. ``par`` is
+    this process's place in a multi-process run (from ``distributed.session``); under FSDP the
+    model is sharded in place.
     """
     t = cfg.train
     device = device or next(model.parameters()).device
+    par = par or Parallel(device=device)
     steps_per_epoch = task.steps_per_epoch
     total = min(t.epochs * steps_per_epoch if t.epochs else math.inf, t.max_steps or math.inf)
-    optimizer = make_optimizer(model, cfg.optim, device)
-    scheduler = make_scheduler(optimizer, cfg.schedule, int(total))
     state = LoopState()
     if resume is not None:
         weights, saved = ckpt.load_checkpoint(resume, device)
-        ckpt.load_state_dict_checked(model, weights, resume)
-        optimizer.load_state_dict(saved["optimizer"])
+        ckpt.load_state_dict_checked(model, weights, resume)  # into the plain model, before sharding
+    model = par.wrap(model)
+    optimizer = make_optimizer(model, cfg.optim, device)
+    scheduler = make_scheduler(optimizer, cfg.schedule, int(total))
+    last_saved = None
+    if resume is not None:
+        par.load_optimizer_state(model, optimizer, saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = LoopState(**saved["loop"])
         ckpt.set_rng_state(saved["rng"])
+        last_saved = state.step
     forward = torch.compile(model) if t.compile else model
     early = t.early_stopping
-    micro = math.ceil(t.batch_size / t.grad_accum)
     logger = MetricsLog(metrics_path, state.step, tensorboard=metrics_path is not None)
     bar = None
-    if t.progress:
+    if t.progress and par.is_main:
         from tqdm import tqdm
 
         bar = tqdm(total=int(total), initial=state.step, unit="step", dynamic_ncols=True, leave=False)
 
     def save(name: str | None = None) -> None:
+        nonlocal last_saved
         if checkpoints is None:
             return
-        saved = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        weights, optim_state = par.model_state(model), par.optimizer_state(model, optimizer)  # FSDP: gathered
+        last_saved = state.step if name is None else last_saved
+        if not par.is_main:
+            return
+        saved = {"optimizer": optim_state, "scheduler": scheduler.state_dict(),
                  "loop": state.__dict__, "rng": ckpt.rng_state(), "config": cfg.to_dict()}
-        ckpt.save_checkpoint(checkpoints, name or ckpt.step_name(state.step), model.state_dict(), saved,
+        ckpt.save_checkpoint(checkpoints, name or ckpt.step_name(state.step), weights, saved,
                              keep_last=t.keep_last if name is None else None)
 
     if early and not task.has_val:
@@ -200,14 +214,16 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
             n = task.count(y)  # examples (or target tokens) in the whole step's batch
             optimizer.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), device=device)
-            for i in range(0, len(x), micro):
-                with autocast_for(device, t.precision):
-                    out = forward(x[i : i + micro])
-                loss = task.loss(out, y[i : i + micro]) / n
-                loss.backward()
+            parts = par.micro_batches(x, y, t.batch_size, t.grad_accum)  # this process's share
+            for j, (x_m, y_m) in enumerate(parts):
+                with par.grad_sync(model, last=j == len(parts) - 1):
+                    with autocast_for(device, t.precision):
+                        out = forward(x_m)
+                    loss = task.loss(out, y_m) / n
+                    (loss * par.grad_scale).backward()
                 loss_sum += loss.detach()
-            loss_value = float(loss_sum)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf)
+            loss_value = float(par.sum(loss_sum))
+            grad_norm = par.clip_grad_norm(model, t.grad_clip or math.inf)
             if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
                 what = "loss" if not math.isfinite(loss_value) else "gradient norm"
                 if t.on_nonfinite == "skip" and state.skips < t.max_skips:
@@ -238,11 +254,13 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
                            "lr": scheduler.get_last_lr()[0],
                            f"{task.unit}_per_sec": window_samples * task.units_per_example / max(elapsed, 1e-9)}
                 record |= task.extra_log(record)
+                if "mfu" in record:  # the throughput is all processes', the peak one device's
+                    record["mfu"] /= par.world_size
                 state.window_loss, state.window_steps = 0.0, 0
                 window_samples, window_start = 0, time.perf_counter()
             evaluate_now = (state.step % t.eval_every == 0) if t.eval_every else end_of_epoch
             if (evaluate_now or state.step >= total) and task.has_val:
-                result = {f"val_{k}": v for k, v in task.evaluate_val(model).items()}
+                result = {f"val_{k}": v for k, v in par.evaluate_val(task, model).items()}
                 record |= result
                 state.history.append({"step": state.step, **result})
                 metric = early.metric if early else "val_loss"
@@ -254,7 +272,7 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
                     state.best_value, state.best_step, state.bad_evals = result[metric], state.step, 0
                     save("best")
                     if checkpoints is None and early and early.restore_best:
-                        best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                        best_weights = {k: v.detach().clone() for k, v in par.model_state(model, True).items()}
                 else:
                     state.bad_evals += 1
                     if early and state.bad_evals >= early.patience:
@@ -273,14 +291,13 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
                 save()
             if bar is not None:
                 bar.update(1)
-            if caught:
+            if par.any(bool(caught)):  # every process stops at the same step
                 save()
                 logger.close()
-                code = 128 + caught[0]
+                code = 128 + (caught[0] if caught else signal.SIGTERM)
                 raise Interrupted(f"stopped by signal at step {state.step}; checkpoint saved, "
                                   "continue with: zerotune train --resume RUN", code)
-    if checkpoints is not None and not (ckpt.step_checkpoints(checkpoints)
-                                        and ckpt.step_checkpoints(checkpoints)[-1].name == ckpt.step_name(state.step)):
+    if last_saved != state.step:
         save()
     if bar is not None:
         bar.close()
@@ -288,6 +305,6 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
     if early and early.restore_best and state.best_step is not None and state.best_step != state.step:
         weights = ckpt.load_checkpoint(checkpoints / "best", device)[0] if checkpoints is not None else best_weights
         if weights is not None:
-            model.load_state_dict(weights)
+            par.load_model_state(model, weights)
             log(f"restored the best weights (step {state.best_step}, {early.metric} {state.best_value:.4g})")
     return state

@@ -109,11 +109,14 @@ class SupervisedTask:
         return torch.cat(outs) if outs else torch.empty(0)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, split: Split) -> dict[str, float]:
-        """Mean loss and the configured metrics on ``split`` (regression metrics in the data's units)."""
+    def evaluate(self, model: nn.Module, split: Split, predict=None) -> dict[str, float]:
+        """Mean loss and the configured metrics on ``split`` (regression metrics in the data's units).
+
+        ``predict(model, x)`` replaces :meth:`predict` (several processes each run a slice).
+        """
         was_training = model.training
         model.eval()
-        out = self.predict(model, split.x)
+        out = (predict or self.predict)(model, split.x)
         y = split.y.to(out.device)
         result = {"loss": float(self.loss(out, y)) / max(1, len(y))}
         if self.info.target == "classification":

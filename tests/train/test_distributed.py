@@ -1,0 +1,322 @@
+"""Distributed training on CPU: 2 processes (gloo) against one process, same global batch.
+
+The reference is the single-process run of the same config. The 2-process runs use
+grad_accum 3 and a batch size (51) whose slices are uneven (26/25, last batch 10/9 with an
+empty micro-batch), so the split, the micro-batching and the count weighting are all exercised.
+Tolerances: 1e-5 absolute on every weight after 26 Adam steps (measured differences ~1e-7,
+from the order of float sums only).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import yaml
+from torch import nn
+
+from tests.conftest import tiny_config
+from zerotune import cli
+from zerotune.config import load_config
+from zerotune.errors import ZerotuneError
+from zerotune.train import checkpoint as ckpt
+from zerotune.train import distributed as D
+from zerotune.train.api import make_task, train
+from zerotune.train.loop import train_loop
+from zerotune.train.tasks import SupervisedTask
+
+CFG = tiny_config(epochs=1, batch_size=51, grad_clip=0.5, checkpoint_every=10, keep_last=10)  # 26 steps
+DIST = {**CFG, "train": {**CFG["train"], "grad_accum": 3}}
+TOL = {"atol": 1e-5, "rtol": 0}
+quiet = lambda *a, **k: None
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return ckpt.load_weights(run / "model.safetensors")
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert sorted(wa) == sorted(wb)  # the single-process names: no "module." prefixes
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], **TOL, msg=k)
+
+
+def cut(run: Path, dest: Path, step: int) -> Path:
+    """A copy of ``run`` as if it had stopped right after the checkpoint of ``step``."""
+    shutil.copytree(run, dest)
+    for folder in ckpt.step_checkpoints(dest / "checkpoints"):
+        if int(folder.name.split("-")[1]) > step:
+            shutil.rmtree(folder)
+    (dest / "model.json").unlink()
+    return dest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Blocks(nn.Module):
+    """A residual stack with an nn.ModuleList of blocks: FSDP shards each block, then the root."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(64, 32)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(32, 32), nn.Tanh()) for _ in range(2))
+        self.out = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x.flatten(1))  # (B, 32)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(h)  # (B, 10)
+
+
+def train_blocks(par: D.Parallel) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    cfg = load_config(CFG)
+    task = make_task(cfg, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = Blocks()
+    train_loop(model, task, cfg, log=quiet, par=par)
+    return model, par.model_state(model)
+
+
+# ---------------------------------------------------------------- 2 processes (spawned)
+
+
+def _worker(rank: int, root: Path, port: int) -> None:
+    """Runs as each of 2 processes: FSDP run, 1→2 resume, block-sharded model, an existing --out,
+    then rank 1 dies."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    result: dict = {}
+    fsdp = {**DIST, "train": {**DIST["train"], "strategy": "fsdp"}}
+    train(fsdp, out=root / "fsdp", log=quiet)
+    train(resume=root / "single_cut", log=quiet)  # saved by 1 process (its config: strategy fsdp)
+    par = D.Parallel(rank, 2, "fsdp", torch.device("cpu"), activation_checkpointing=True)
+    model, state = train_blocks(par)
+    result["sharded"] = [isinstance(m, FSDPModule) for m in (model, model.blocks[0], model.blocks[1], model.inp)]
+    if rank == 0:
+        ckpt.save_weights(root / "blocks_fsdp.safetensors", state)
+    try:
+        train(fsdp, out=root / "fsdp", log=quiet)  # exists, no overwrite: rank 0 refuses for everyone
+    except ZerotuneError as e:
+        result["exists"] = str(e)
+    (root / f"rank{rank}.json").write_text(json.dumps(result))  # rank 1 will not get further
+
+    real_batch = SupervisedTask.batch
+
+    def die_at_3(self, step):
+        if step == 3 and rank == 1:
+            os._exit(1)  # as if killed (out of memory, lost node)
+        return real_batch(self, step)
+
+    SupervisedTask.batch = die_at_3
+    try:
+        train(DIST, out=root / "fail", log=quiet)
+    except ZerotuneError as e:
+        result["fail"] = {"type": type(e).__name__, "message": str(e), "exit_code": e.exit_code}
+    (root / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    """The reference: one process (the config asks for fsdp, which one process ignores)."""
+    root = tmp_path_factory.mktemp("dist")
+    lines: list[str] = []
+    train({**CFG, "train": {**CFG["train"], "strategy": "fsdp"}}, out=root / "single", log=lines.append)
+    assert any("train.strategy fsdp has no effect" in ln for ln in lines)
+    return root / "single"
+
+
+@pytest.fixture(scope="module")
+def two(single) -> Path:
+    root = single.parent
+    cut(single, root / "single_cut", 20)
+    ctx = mp.start_processes(_worker, args=(root, free_port()), nprocs=2, start_method="spawn", join=False)
+    for p in ctx.processes:
+        p.join(180)
+    assert ctx.processes[0].exitcode == 0
+    assert ctx.processes[1].exitcode == 1  # died on purpose at step 3
+    return root
+
+
+def test_fsdp_matches_one_process(single, two):
+    assert_same_weights(single, two / "fsdp")
+    rows = [json.loads(ln) for ln in (two / "fsdp" / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(ln) for ln in (single / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [r["step"] for r in ref]  # one writer: no duplicated lines
+    for r, s in zip(rows, ref, strict=True):  # train loss summed over processes, eval gathered
+        for k in ("loss", "val_loss", "val_accuracy"):
+            if k in s:
+                assert r[k] == pytest.approx(s[k], abs=1e-5), (r["step"], k)
+
+
+def test_checkpoint_of_one_process_resumes_on_two(single, two):
+    assert_same_weights(single, two / "single_cut")
+
+
+def test_checkpoint_of_two_processes_resumes_on_one(single, two, tmp_path):
+    run = cut(two / "fsdp", tmp_path / "fsdp_cut", 10)
+    train(resume=run, log=quiet)
+    assert_same_weights(single, run)
+
+
+def test_fsdp_shards_each_block_with_activation_checkpointing(two):
+    assert json.loads((two / "rank1.json").read_text())["sharded"] == [True, True, True, False]
+    _, one = train_blocks(D.Parallel())
+    two_w = ckpt.load_weights(two / "blocks_fsdp.safetensors")
+    assert sorted(one) == sorted(two_w)
+    for k in one:
+        torch.testing.assert_close(two_w[k], one[k], **TOL, msg=k)
+
+
+def test_rank_0_alone_checks_the_run_folder(two):
+    for rank in (0, 1):
+        message = json.loads((two / f"rank{rank}.json").read_text())["exists"]
+        assert message == f"{two / 'fsdp'}: run folder already exists; pass --overwrite to replace it or --out to " \
+                          "choose another"
+
+
+def test_a_process_that_dies_stops_the_others_with_one_line(two):
+    fail = json.loads((two / "rank0.json").read_text())["fail"]
+    assert fail["type"] == "DistributedError" and fail["exit_code"] == 1
+    assert fail["message"].startswith("rank 0: lost contact with another process of the run, which stopped or "
+                                      "failed (")
+    assert "\n" not in fail["message"]
+
+
+# ---------------------------------------------------------------- torchrun through the command line
+
+
+def test_cli_nproc_ddp_matches_one_process_and_resumes_on_one(single, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(DIST))
+    out = tmp_path / "ddp"
+    p = subprocess.run([sys.executable, "-m", "zerotune", "train", str(cfg), "--nproc", "2", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("run folder:") == 1  # only rank 0 speaks
+    assert "2 processes · ddp · gloo · global batch 51 = 2 × 26 per process · micro-batch 9" in p.stdout
+    assert_same_weights(single, out)
+    state = torch.load(ckpt.latest_checkpoint(out / "checkpoints") / ckpt.STATE, weights_only=True)
+    ref = torch.load(ckpt.latest_checkpoint(single / "checkpoints") / ckpt.STATE, weights_only=True)
+    assert state["optimizer"]["param_groups"] == ref["optimizer"]["param_groups"]  # single-process format
+    run = cut(out, tmp_path / "ddp_cut", 20)
+    train(resume=run, log=quiet)
+    assert_same_weights(single, run)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_a_process_that_cannot_join_gives_one_line(tmp_path, monkeypatch, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(dist_timeout=1)))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    code = cli.main(["train", str(cfg), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith("error: rank 0: could not join the 2 processes of the run at 127.0.0.1:")
+    assert "train.dist_timeout=1s" in err[0]
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("env, fragment", [
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 is outside 0..WORLD_SIZE-1"),
+    ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK, WORLD_SIZE and LOCAL_RANK must be integers"),
+])
+def test_bad_torchrun_environment(tmp_path, monkeypatch, capsys, env, fragment):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config()))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert cli.main(["train", str(cfg), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: environment: ") and fragment in err[0], err
+
+
+def test_bad_nproc_and_strategy(tmp_path, monkeypatch, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config()))
+    assert cli.main(["train", str(cfg), "--nproc", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --nproc: expected a positive number of processes, got 0"
+    assert cli.main(["train", str(cfg), "--set", "train.strategy=zero3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {cfg}: train.strategy: expected one of ") and "'zero3'" in err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main(["train", str(cfg), "--nproc", "2"]) == 2
+    assert "already started by torchrun; drop --nproc" in capsys.readouterr().err
+
+
+def test_other_ranks_leave_shared_input_errors_to_rank_0(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err == ""
+    assert D.should_report(D.DistributedError("rank 1: lost contact"))
+
+
+# ---------------------------------------------------------------- pieces, one process
+
+
+@pytest.mark.parametrize("n, batch, world, accum", [(51, 51, 2, 3), (19, 51, 2, 3), (1, 8, 2, 1), (5, 8, 4, 2),
+                                                     (64, 64, 3, 1), (7, 7, 1, 2)])
+def test_micro_batches_cover_the_global_batch_in_order(n, batch, world, accum):
+    x, y = torch.arange(n * 2.0).reshape(n, 2), torch.arange(n)
+    per_rank = [D.Parallel(rank=r, world_size=world).micro_batches(x, y, batch, accum) for r in range(world)]
+    assert len({len(parts) for parts in per_rank}) == 1  # the same number of forwards on every rank
+    micro = math.ceil(math.ceil(batch / world) / accum)
+    assert all(len(ym) <= micro for parts in per_rank for _, ym in parts)
+    sizes = [sum(len(ym) for _, ym in parts) for parts in per_rank]
+    assert max(sizes) - min(sizes) <= 1  # near-equal, contiguous slices
+    assert torch.equal(torch.cat([ym for parts in per_rank for _, ym in parts]), y)
+    assert torch.equal(torch.cat([xm for parts in per_rank for xm, _ in parts]), x)
+
+
+def test_optimizer_state_names_round_trip():
+    model = Blocks()
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(3, 64)).sum().backward()
+    opt.step()
+    names = D.param_names(model, opt)
+    assert names == [n for n, _ in model.named_parameters()]
+    state = opt.state_dict()
+    back = D.by_index(D.by_name(state, names), names)
+    assert back["param_groups"] == state["param_groups"]
+    for i, s in state["state"].items():
+        for k, v in s.items():
+            torch.testing.assert_close(back["state"][i][k], v, rtol=0, atol=0)
+
+
+def test_blocks_are_the_children_of_the_outermost_module_lists():
+    class Nested(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stack = nn.Sequential(nn.ModuleList([nn.ModuleList([nn.Linear(1, 1)]), nn.Linear(1, 1)]))
+            self.head = nn.Linear(1, 1)
+
+    m = Nested()
+    assert D.blocks(m) == [m.stack[0][0], m.stack[0][1]]
+    assert D.blocks(nn.Linear(1, 1)) == []
+    assert [D.strategy_for(s, w) for s, w in [("auto", 1), ("fsdp", 1), ("auto", 2), ("fsdp", 8)]] == [
+        "none", "none", "ddp", "fsdp"]

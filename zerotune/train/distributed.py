@@ -1,0 +1,483 @@
+"""Distributed training: the one loop on W processes (torchrun + DDP or FSDP2).
+
+    zerotune train CONFIG --nproc 4                        starts torchrun on this machine
+    torchrun --nproc-per-node 4 -m zerotune train CONFIG   the same by hand (and across machines)
+
+Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set) each process joins
+the process group itself: NCCL on CUDA (process r drives cuda:LOCAL_RANK), gloo on CPU.
+
+``train.batch_size`` B is the global batch. Step s uses exactly the single-process batch
+``task.batch(s)`` = (x₁ … x_n), n ≤ B, split contiguously into W near-equal slices S_r; rank r
+takes S_r (then its train.grad_accum micro-batches) and back-propagates
+
+    W · L_r,     L_r = Σ_{i ∈ S_r} loss_i / n
+
+DDP and FSDP average gradients over the W ranks, so every rank ends the step with
+
+    (1/W) Σ_r W ∇L_r = ∇ (Σ_i loss_i / n)
+
+the single-process gradient, a partial last batch weighted by its own count n. The optimizer
+step is then the single-process step, up to float rounding from the order of the sums.
+
+Strategies (``train.strategy``; ``auto`` = ddp when W > 1, plain when W = 1):
+
+    ddp   DistributedDataParallel: a full copy of weights, gradients and optimizer state on each
+          rank; BatchNorm becomes SyncBatchNorm on CUDA.
+    fsdp  FSDP2 ``fully_shard`` on every block of each ``nn.ModuleList`` of blocks, then on the
+          root: weights, gradients and optimizer state are split W ways and all-gathered per block
+          (bf16 compute / fp32 reduction on CUDA).
+
+Rank 0 alone writes the run folder (metrics, checkpoints, final model); evaluation runs on a
+slice of the validation set per rank and the outputs are gathered, so every rank sees the same
+numbers and makes the same early-stopping decision. Checkpoints hold full, unsharded tensors with
+the single-process names, so a run saved by W processes resumes on any other number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import math
+import os
+import signal
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from zerotune.config import TrainConfig
+from zerotune.errors import ZerotuneError
+
+EVAL_BATCH = 1024
+# Communication failures surface as RuntimeError (gloo) or DistError (NCCL, stores); these words
+# tell them apart from a RuntimeError raised by the model itself.
+_COMM_MARKERS = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "broken pipe")
+
+
+class DistributedError(ZerotuneError):
+    """A process of a multi-process run could not join or lost contact with the others (exit 1),
+    or its launch environment is wrong (exit 2).
+
+    Unlike other errors (which rank 0 reports for everyone), every process prints this one.
+    """
+
+    def __init__(self, message: str, *, path: object | None = None, exit_code: int = 1) -> None:
+        super().__init__(message, path=path)
+        self.exit_code = exit_code
+
+
+def env_rank() -> int:
+    """This process's rank: the joined process group's, else torchrun's RANK, else 0."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0  # reported by session() as a bad environment
+
+
+def should_report(error: BaseException) -> bool:
+    """Whether this process prints ``error``: rank 0 always; others only for their own failures."""
+    return env_rank() == 0 or isinstance(error, DistributedError)
+
+
+def main_only(log: Callable[..., Any]) -> Callable[..., Any]:
+    """``log`` on rank 0, a no-op elsewhere."""
+    return log if env_rank() == 0 else (lambda *a, **k: None)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if text.startswith("[") and "] " in text:  # drop gloo's "[/path/pair.cc:553] " source location
+        text = text.split("] ", 1)[1]
+    return text.split(". This is typically", 1)[0]  # gloo's advice sentence and emoji
+
+
+def is_comm_failure(error: BaseException) -> bool:
+    if dist.is_available() and isinstance(error, dist.DistError):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in _COMM_MARKERS)
+
+
+# ---------------------------------------------------------------- the process group
+
+
+@dataclass
+class Parallel:
+    """Where this process stands in the run, and the few operations the loop needs from it.
+
+    With ``world_size == 1`` every method is the plain single-process operation, so the loop has
+    one code path.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    strategy: str = "none"  # none | ddp | fsdp
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    activation_checkpointing: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def grad_scale(self) -> float:
+        """Factor on each rank's loss that turns DDP/FSDP's gradient average into the sum."""
+        return float(self.world_size)
+
+    # ------------------------------------------------ model
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Activation checkpointing, then DDP or FSDP2 as the strategy says (identity otherwise)."""
+        if self.activation_checkpointing:
+            from torch.distributed._composable import checkpoint
+
+            for block in blocks(model):
+                checkpoint(block)
+        if self.strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            if self.device.type == "cuda":
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            elif any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+                warnings.warn("BatchNorm statistics are per process: PyTorch's SyncBatchNorm needs CUDA", stacklevel=2)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return DistributedDataParallel(model, device_ids=ids)
+        if self.strategy == "fsdp":
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            kw = {}
+            if self.device.type == "cuda":
+                kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            for block in blocks(model):
+                fully_shard(block, **kw)
+            fully_shard(model, **kw)
+        return model
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The plain module inside a DDP wrapper (FSDP2 shards the module in place)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        return model.module if isinstance(model, DistributedDataParallel) else model
+
+    def gathered_model(self, model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module | None:
+        """After training: a plain, unsharded model on rank 0 (None elsewhere). Collective."""
+        if self.strategy != "fsdp":
+            return self.unwrap(model) if self.is_main else None
+        weights = self.model_state(model)
+        if not self.is_main:
+            return None
+        plain = build()
+        plain.load_state_dict(weights)
+        return plain
+
+    # ------------------------------------------------ one step
+
+    def micro_batches(self, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                      grad_accum: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's slice of the step's global batch (x, y), as micro-batches.
+
+        Every rank gets the same number of micro-batches (a short slice ends with empty ones),
+        because DDP synchronises on the last one and FSDP gathers weights in every forward.
+        """
+        n, w = len(y), self.world_size
+        micro = math.ceil(math.ceil(batch_size / w) / grad_accum)
+        if w > 1:
+            x, y = x.tensor_split(w)[self.rank], y.tensor_split(w)[self.rank]
+        k = math.ceil(math.ceil(n / w) / micro)
+        return [(x[i * micro : (i + 1) * micro], y[i * micro : (i + 1) * micro]) for i in range(k)]
+
+    def grad_sync(self, model: nn.Module, last: bool):
+        """DDP: skip the gradient all-reduce on all but the last micro-batch of a step."""
+        if self.strategy == "ddp" and not last:
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum of ``value`` over ranks (a copy; the value itself with one process)."""
+        if self.world_size == 1:
+            return value
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        return value
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any (so all ranks stop at the same step)."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([int(flag)], device=self._comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        """Clip to a global gradient norm and return that norm (a plain tensor on every rank)."""
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        if self.strategy == "fsdp":
+            from torch.distributed.tensor import DTensor
+
+            if isinstance(norm, DTensor):
+                norm = norm.full_tensor()
+        return norm
+
+    # ------------------------------------------------ state dicts (single-process names and format)
+
+    def model_state(self, model: nn.Module, everywhere: bool = False) -> dict[str, torch.Tensor]:
+        """Full weights with single-process names. FSDP gathers them (collective): on CPU on
+        rank 0 only (others get {}) unless ``everywhere``."""
+        if self.strategy != "fsdp":
+            return self.unwrap(model).state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
+
+    def load_model_state(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        """Load full weights (every rank passes the same ones)."""
+        if self.strategy != "fsdp":
+            self.unwrap(model).load_state_dict(weights)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+
+    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """``optimizer.state_dict()`` as one process would write it. FSDP: gathered (collective),
+        on rank 0 only (others get {})."""
+        if self.strategy != "fsdp":
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        by_name = get_optimizer_state_dict(model, optimizer,
+                                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return by_index(by_name, param_names(model, optimizer)) if self.is_main else {}
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Load a single-process ``optimizer.state_dict()`` (every rank passes the same one)."""
+        if self.strategy != "fsdp":
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, by_name(state, param_names(model, optimizer)),
+                                 options=StateDictOptions(full_state_dict=True))
+
+    # ------------------------------------------------ evaluation and coordination
+
+    def evaluate_val(self, task, model: nn.Module) -> dict[str, float]:
+        """The task's validation numbers, the same on every rank.
+
+        A supervised task's validation set is split across ranks and the outputs gathered; other
+        tasks evaluate the whole set on every rank.
+        """
+        from zerotune.train.tasks import SupervisedTask
+
+        plain = self.unwrap(model)
+        if self.world_size == 1 or not isinstance(task, SupervisedTask):
+            return task.evaluate_val(plain)
+        return task.evaluate(plain, task.data.val, predict=self._predict)
+
+    @torch.no_grad()
+    def _predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Model outputs for all of ``x``: each rank runs its slice, then all slices are gathered."""
+        sizes = [len(part) for part in torch.arange(len(x)).tensor_split(self.world_size)]
+        if not sizes[0]:
+            return torch.empty(0)
+        local = x.tensor_split(self.world_size)[self.rank]
+        k = math.ceil(sizes[0] / EVAL_BATCH)  # the same number of forwards on every rank (FSDP)
+        out = torch.cat([model(local[i * EVAL_BATCH : (i + 1) * EVAL_BATCH].to(self.device)).float()
+                         for i in range(k)])  # (n_r, ...)
+        padded = out.new_zeros((sizes[0], *out.shape[1:]))  # (max n_r, ...): all_gather needs equal shapes
+        padded[: len(out)] = out
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)])  # (n, ...)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def on_main(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on rank 0 while the others wait; its ZerotuneError is raised on every rank."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except ZerotuneError as e:
+                error = e
+        if self.world_size > 1:
+            box = [str(error) if error is not None else None]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] is not None and error is None:
+                raise ZerotuneError(box[0])
+        if error is not None:
+            raise error
+        return result
+
+    @property
+    def _comm_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks of a model: the children of each outermost ``nn.ModuleList``."""
+    found: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if isinstance(child, nn.ModuleList):
+                found.extend(child)
+            else:
+                visit(child)
+
+    visit(model)
+    return found
+
+
+def param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the optimizer's order (the indices of ``optimizer.state_dict()``)."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def by_index(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """Optimizer state keyed by parameter name → keyed by index, as ``optimizer.state_dict()``."""
+    index = {n: i for i, n in enumerate(names)}
+    return {"state": {index[n]: v for n, v in state["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]}
+
+
+def by_name(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The inverse of :func:`by_index`."""
+    return {"state": {names[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+# ---------------------------------------------------------------- joining and leaving
+
+
+def _world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from a joined process group or torchrun's variables."""
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
+        return rank, dist.get_world_size(), int(os.environ.get("LOCAL_RANK", rank))
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    raw = {k: os.environ.get(k) for k in names}
+    if raw["WORLD_SIZE"] in (None, "", "1"):
+        return 0, 1, 0
+    try:
+        rank, world = int(raw["RANK"] or ""), int(raw["WORLD_SIZE"] or "")
+        local = int(raw["LOCAL_RANK"] or rank)
+    except ValueError:
+        raise DistributedError(f"environment: RANK, WORLD_SIZE and LOCAL_RANK must be integers, got {raw}",
+                               exit_code=2) from None
+    if not 0 <= rank < world:
+        raise DistributedError(f"environment: RANK={rank} is outside 0..WORLD_SIZE-1 (WORLD_SIZE={world})",
+                               exit_code=2)
+    return rank, world, local
+
+
+def strategy_for(name: str, world_size: int) -> str:
+    """The strategy actually used: none on one process; ``auto`` → ddp on several."""
+    if world_size == 1:
+        return "none"
+    return "ddp" if name == "auto" else name
+
+
+@contextlib.contextmanager
+def session(train: TrainConfig, device: torch.device, log: Callable[..., Any] = print) -> Iterator[Parallel]:
+    """Join the run's process group when started by torchrun, and leave it at the end.
+
+    Uses a process group that is already initialised (and leaves it so). On one process this
+    yields a single-process :class:`Parallel`. A process that cannot join within
+    ``train.dist_timeout`` seconds, or that loses contact with the others, raises
+    :class:`DistributedError` (one line).
+    """
+    rank, world, local = _world()
+    par = Parallel(rank, world, strategy_for(train.strategy, world), device, train.activation_checkpointing)
+    if world == 1:
+        if train.strategy != "auto":
+            log(f"one process: train.strategy {train.strategy} has no effect (start several with --nproc or torchrun)")
+        yield par
+        return
+    if device.type == "mps":
+        raise ZerotuneError("train.device: mps cannot be shared by several processes; use cuda or cpu")
+    if device.type == "cuda":
+        par.device = torch.device("cuda", local)
+        torch.cuda.set_device(par.device)
+    owned = not dist.is_initialized()
+    backend = "nccl" if par.device.type == "cuda" else "gloo"
+    if owned:
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        try:
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=train.dist_timeout),
+                                    device_id=par.device if backend == "nccl" else None)
+        except (dist.DistError, ValueError) as e:
+            raise DistributedError(f"rank {rank}: could not join the {world} processes of the run at {where} "
+                                   f"within train.dist_timeout={train.dist_timeout}s ({_first_line(e)})") from None
+    try:
+        per = math.ceil(train.batch_size / world)
+        log(f"{world} processes · {par.strategy} · {dist.get_backend()} · global batch {train.batch_size} "
+            f"= {world} × {per} per process · micro-batch {math.ceil(per / train.grad_accum)} "
+            f"(train.grad_accum {train.grad_accum})")
+        try:
+            yield par
+        except RuntimeError as e:
+            if not is_comm_failure(e):
+                raise
+            raise DistributedError(f"rank {rank}: lost contact with another process of the run, which stopped "
+                                   f"or failed ({_first_line(e)})") from None
+    finally:
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- launching
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run ``zerotune <argv>`` as ``nproc`` processes on this machine through torchrun.
+
+    Equivalent to ``torchrun --standalone --nproc-per-node NPROC -m zerotune ARGV``. Each
+    process prints its own errors; the return value is the exit code of the first that failed
+    (a process killed by a signal raises :class:`DistributedError` naming it).
+    """
+    if nproc < 1:
+        raise ZerotuneError(f"--nproc: expected a positive number of processes, got {nproc}")
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise ZerotuneError("--nproc: this process was already started by torchrun; drop --nproc")
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    # torchrun warns when it picks one thread per process; split the cores evenly instead
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "--module", "zerotune",
+                                         *argv])
+    # the launcher's own notes and failure summary: each process reports for itself
+    quiet = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("torch.distributed")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.CRITICAL)
+    try:
+        run(args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if failure.exitcode > 0:  # the process printed its own error line
+            return failure.exitcode
+        sig = -failure.exitcode  # killed by a signal, so it could not say anything itself
+        raise DistributedError(f"process {rank} of {nproc} was killed by {signal.Signals(sig).name}",
+                               exit_code=128 + sig) from None
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    finally:
+        for q, level in zip(quiet, levels, strict=True):
+            q.setLevel(level)
+    return 0
+
+
+__all__ = ["Parallel", "DistributedError", "session", "launch", "strategy_for", "blocks", "should_report",
+           "main_only", "env_rank"]
