@@ -148,7 +148,12 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
             err = e.errors()[0]
             raise ZerotuneError(describe_error({**err, "loc": (key, *err["loc"])}), path=run.model_json) from None
     cfg, info = parsed["model"], parsed["data_info"]
-    model = build_model(cfg, info)
+    try:
+        model = build_model(cfg, info)
+    except ZerotuneError as e:
+        if e.path is not None:
+            raise
+        raise ZerotuneError(str(e), path=run.model_json) from None
     load_state_dict_checked(model, load_weights(run.weights), run.weights)
     tokenizer = None
     if run.tokenizer.is_file():
