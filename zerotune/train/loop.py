@@ -131,11 +131,12 @@ def stop_signals():
 
 def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None = None,
                metrics_path: Path | None = None, device: torch.device | None = None,
-               resume: Path | None = None, log=print) -> LoopState:
+               resume: Path | None = None, log=print, on_record=None) -> LoopState:
     """Train ``model`` on ``task`` as ``cfg.train`` says. Returns the final loop state.
 
     With ``checkpoints`` set, checkpoints are written there (latest + best); with ``resume``
     (a checkpoint folder), the run continues exactly where that checkpoint left it.
+    ``on_record``, if given, is called with each metrics record (the dict metrics.jsonl gets).
     """
     t = cfg.train
     device = device or next(model.parameters()).device
@@ -246,7 +247,10 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
             if t.checkpoint_every and state.step % t.checkpoint_every == 0:
                 save()
             if record:
-                logger.write({"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), **record})
+                record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), **record}
+                logger.write(record)
+                if on_record is not None:
+                    on_record(record)
                 if bar is not None:
                     bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in
                                      ("loss", "val_loss", "val_accuracy", "samples_per_sec", "tokens_per_sec")})
