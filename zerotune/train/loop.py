@@ -129,6 +129,15 @@ def stop_signals():
             signal.signal(sig, h)
 
 
+@torch.no_grad()
+def global_grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """‖∇‖₂ over all gradients as one vector (the non-finite check needs it even without clipping)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch ≥ 2.6
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.nn.utils.clip_grad_norm_(params, math.inf)
+
+
 def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None = None,
                metrics_path: Path | None = None, device: torch.device | None = None,
                resume: Path | None = None, log=print, on_record=None) -> LoopState:
@@ -173,6 +182,7 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
     if early and not task.has_val:
         raise ZerotuneError("train.early_stopping needs a validation split: set data.val or data.val_split > 0")
     best_weights = None
+    params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     window_samples, window_start = 0, time.perf_counter()
     with stop_signals() as caught:
@@ -182,15 +192,18 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
             n = len(y)
             optimizer.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), device=device)
+            seed_grad = torch.full((), 1.0 / n, device=device)  # backprop Σ/n without a division node
             for i in range(0, n, micro):
                 with autocast_for(device, t.precision):
                     out = forward(x[i : i + micro])
-                loss = task.loss(out, y[i : i + micro]) / n
-                loss.backward()
+                loss = task.loss(out, y[i : i + micro])  # summed over the micro-batch
+                loss.backward(seed_grad)
                 loss_sum += loss.detach()
-            loss_value = float(loss_sum)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf)
-            if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
+            loss_value = float(loss_sum) / n
+            # clip_grad_norm_ also scales every gradient; without clipping only the norm is needed
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip
+                              else global_grad_norm(params))
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                 what = "loss" if not math.isfinite(loss_value) else "gradient norm"
                 if t.on_nonfinite == "skip" and state.skips < t.max_skips:
                     state.skips += 1
@@ -220,7 +233,6 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
                            f"{task.unit}_per_sec": window_samples * task.units_per_example / max(elapsed, 1e-9)}
                 record |= task.extra_log(record)
                 state.window_loss, state.window_steps = 0.0, 0
-                window_samples, window_start = 0, time.perf_counter()
             evaluate_now = (state.step % t.eval_every == 0) if t.eval_every else end_of_epoch
             if (evaluate_now or state.step >= total) and task.has_val:
                 result = {f"val_{k}": v for k, v in task.evaluate_val(model).items()}
@@ -254,6 +266,8 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
                 if bar is not None:
                     bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in
                                      ("loss", "val_loss", "val_accuracy", "samples_per_sec", "tokens_per_sec")})
+            if "loss" in record:  # the next window starts after this step's evaluation, checkpoint and log
+                window_samples, window_start = 0, time.perf_counter()
             if bar is not None:
                 bar.update(1)
             if caught:
