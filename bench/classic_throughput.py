@@ -144,15 +144,16 @@ def machine() -> dict[str, str]:
             "threads": str(torch.get_num_threads()), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
-def table(results: dict[str, list[float]], n: int) -> list[str]:
+def table(results: dict[str, list[float]], cpu: dict[str, list[float]], n: int) -> list[str]:
+    """Markdown rows: wall-clock medians and ratios, and the median process CPU time (all threads)."""
     rate = {name: n / statistics.median(times) for name, times in results.items()}
-    hand, loader = rate.get("hand loop"), rate.get("DataLoader")
-    lines = ["| contender | median s/epoch | runs (s) | samples/s | vs hand loop | vs DataLoader |",
-             "|---|---:|---|---:|---:|---:|"]
+    hand, loader = rate["hand loop"], rate["DataLoader"]
+    lines = ["| contender | median s/epoch | runs (s) | samples/s | vs hand loop | vs DataLoader | CPU s (median) |",
+             "|---|---:|---|---:|---:|---:|---:|"]
     for name, times in results.items():
         runs = ", ".join(f"{t:.2f}" for t in times)
         lines.append(f"| {name} | {statistics.median(times):.2f} | {runs} | {rate[name]:,.0f} | "
-                     f"{rate[name] / hand:.2f}× | {rate[name] / loader:.2f}× |")
+                     f"{rate[name] / hand:.2f}× | {rate[name] / loader:.2f}× | {statistics.median(cpu[name]):.2f} |")
     return lines
 
 
@@ -182,16 +183,22 @@ def main(argv: list[str] | None = None) -> None:
     for run in contenders.values():
         run(x[:warm], y[:warm])
     results: dict[str, list[float]] = {name: [] for name in contenders}
+    cpu: dict[str, list[float]] = {name: [] for name in contenders}
+    load_before = os.getloadavg()[0]
     for r in range(args.runs):
         for name, run in contenders.items():
+            c0 = time.process_time()
             seconds = run(x, y)
+            cpu[name].append(time.process_time() - c0)
             results[name].append(seconds)
-            print(f"run {r + 1}/{args.runs} {name:>22}: {seconds:6.2f} s  {args.samples / seconds:9,.0f} samples/s",
-                  flush=True)
-    lines = table(results, args.samples)
-    print("\n".join(lines))
+            print(f"run {r + 1}/{args.runs} {name:>22}: {seconds:6.2f} s  {args.samples / seconds:9,.0f} samples/s  "
+                  f"cpu {cpu[name][-1]:6.2f} s", flush=True)
+    load = f"load average (1 min) {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
+    lines = table(results, cpu, args.samples)
+    print("\n".join(lines) + "\n" + load)
     if args.markdown:
-        args.markdown.write_text("\n".join(lines) + "\n")
+        args.markdown.write_text("\n".join(lines) + "\n\n" + " · ".join(f"{k} {v}" for k, v in info.items())
+                                 + f" · {load}\n")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ Every command-line verb is a function here::
     run = zerotune.train("configs/digits_mlp.yaml", overrides=["train.epochs=5"])
     zerotune.evaluate(run)                   # metrics dict, also RUN/eval.json
     zerotune.predict(run, "new.csv")         # predictions CSV
-    history = zerotune.fit(model, train=(x, y), val=(xv, yv), optimizer="adam", epochs=5)
+    zerotune.generate(run, ["The with statement"], max_new_tokens=50, seed=0)   # decoder runs
 
-(The names ``train`` and ``evaluate`` are bound to the verbs; their subpackages stay importable
+(The names ``train``, ``evaluate`` and ``generate`` are bound to the verbs; their subpackages stay importable
 as ``from zerotune.train import loop``.)
 """
 
@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 
 from zerotune.config import load_config  # noqa: E402
 from zerotune.evaluate import evaluate, predict  # noqa: E402
+from zerotune.generate import generate_text as generate  # noqa: E402
 from zerotune.train.api import resume, train  # noqa: E402
 
-__all__ = ["train", "resume", "evaluate", "predict", "load_config"]
+__all__ = ["train", "resume", "evaluate", "predict", "generate", "load_config"]

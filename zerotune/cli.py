@@ -93,6 +93,35 @@ def _prepare(a: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(a: argparse.Namespace) -> int:
+    from zerotune.generate import generate_text
+
+    if (a.prompt is None) == (a.prompts is None):
+        raise ZerotuneError("zerotune generate: give exactly one of --prompt TEXT or --prompts FILE")
+    kwargs = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                  repetition_penalty=a.repetition_penalty, seed=a.seed)
+    if a.prompt is not None:
+        generate_text(a.run, [a.prompt], stream=lambda s: print(s, end="", flush=True), **kwargs)
+        print()
+        return 0
+    path = Path(a.prompts)
+    if not path.is_file():
+        raise ZerotuneError("file not found", path=path)
+    prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ZerotuneError("no prompts (one per line) in the file", path=path)
+    for prompt, text in zip(prompts, generate_text(a.run, prompts, **kwargs), strict=True):
+        print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False))
+    return 0
+
+
+def _inspect(a: argparse.Namespace) -> int:
+    from zerotune.inspect import inspect_target
+
+    print(inspect_target(a.target, overrides=a.set, batch_size=a.batch_size, as_json=a.json))
+    return 0
+
+
 def build_parser() -> Parser:
     p = Parser(prog="zerotune", description="Develop neural networks and language models from scratch "
                "and fine-tune them.")
@@ -127,6 +156,28 @@ def build_parser() -> Parser:
     s.add_argument("--input", required=True, help="a .csv/.npz/.jsonl file or a data spec")
     s.add_argument("--output", help="CSV to write (default RUN/predictions.csv)")
     s.set_defaults(fn=_predict)
+
+    s = sub.add_parser("generate", help="sample text from a trained decoder (KV cache, streaming)",
+                       description="Example: zerotune generate runs/pydoc_gpt_tiny --prompt 'The with statement' "
+                       "--max-new-tokens 60 --temperature 0.8 --top-k 40 --seed 0")
+    s.add_argument("run", help="run folder of a gpt model")
+    s.add_argument("--prompt", help="the prompt text (the prompt, then the completion, stream to stdout)")
+    s.add_argument("--prompts", metavar="FILE", help="one prompt per line; prints one JSON object per prompt")
+    s.add_argument("--max-new-tokens", type=int, default=100)
+    s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=None, help="fixes the sample")
+    s.set_defaults(fn=_generate)
+
+    s = sub.add_parser("inspect", help="parameters, FLOPs, layer table and memory of a config or run",
+                       description="Example: zerotune inspect configs/gpt2_124m.yaml --batch-size 8")
+    s.add_argument("target", help="a YAML config or a run folder")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    s.add_argument("--batch-size", type=int, default=None, help="for the memory estimate (default train.batch_size)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_inspect)
 
     s = sub.add_parser("data", help="data sets: download")
     dsub = s.add_subparsers(dest="data_verb", metavar="ACTION", parser_class=Parser, required=True)

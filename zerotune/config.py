@@ -56,6 +56,8 @@ class DataConfig(Strict):
     max_length: int = Field(128, ge=1)  # tokens per example for text classification
     vocab_size: int = Field(8000, ge=16)  # word vocabulary built for text data without a tokenizer
     tokenizer: str | None = None  # a tokenizer.json (or its folder) for text data
+    sampling: Literal["random", "sequential"] = "random"  # language models: how windows are drawn from shards
+    eval_batches: int = Field(20, ge=1)  # language models: val batches per evaluation
     augment: AugmentConfig = AugmentConfig()
 
 

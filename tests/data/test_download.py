@@ -144,7 +144,7 @@ def test_archive_escaping_the_folder_is_refused(tmp_path, server, monkeypatch):
 
 def test_missing_data_message():
     line = dl.missing_data_message("mnist", "data/mnist")
-    assert "python -m zerotune.data.download mnist data/mnist" in line and "idx:data/mnist" in line
+    assert "zerotune data download mnist data/mnist" in line and "idx:data/mnist" in line
     assert "\n" not in line and set(dl.SOURCES_HELP) == set(dl.DATASETS)
 
 

@@ -69,6 +69,8 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", plot
         raise ZerotuneError(f"--split: expected test, val or train, got {split!r}")
     loaded = load_run(run)
     info = loaded.info
+    if loaded.meta["task"] in ("causal_lm", "sft"):
+        return evaluate_language_model(loaded, data)
     if loaded.meta["task"] not in ("classification", "regression"):
         raise ZerotuneError(f"evaluate for task {loaded.meta['task']!r} is not available in this version")
     examples = _external_split(loaded, data) if data else _run_split(loaded, split)
@@ -93,6 +95,28 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", plot
         pred, y = pre.y_inverse(out.reshape(examples.y.shape)), pre.y_inverse(examples.y)
         result["loss"] = float(torch.nn.functional.mse_loss(out.reshape(examples.y.shape), examples.y))
         result |= M.regression_metrics(pred, y, REGRESSION_METRICS)
+    atomic_write_text(loaded.run.eval_json, json.dumps(result, indent=1))
+    return result
+
+
+def evaluate_language_model(loaded: LoadedRun, data: str | None = None) -> dict[str, Any]:
+    """Mean next-token loss (nats per token) and perplexity on the val split of the run's shards
+    (or of ``data``, a ``shards:DIR``)."""
+    from zerotune.train.tasks import LanguageModelTask
+
+    cfg = load_config(loaded.run.config)
+    spec = data or cfg.data.train
+    kind, _, folder = spec.partition(":")
+    if kind != "shards":
+        raise ZerotuneError(f"--data: a language model is evaluated on token shards (shards:DIR), got {spec!r}")
+    task = LanguageModelTask(folder, batch_size=cfg.train.batch_size, block_size=cfg.model.block_size,
+                             seed=cfg.seed, sampling="sequential", eval_batches=10**9, device="cpu")
+    if not task.has_val:
+        raise ZerotuneError("the shards have no val split to evaluate on", path=folder)
+    if task.info.vocab_size > loaded.info.vocab_size:
+        raise ZerotuneError(f"the shards' vocabulary ({task.info.vocab_size}) is larger than the model's "
+                            f"({loaded.info.vocab_size}); they were made with another tokenizer", path=folder)
+    result = {"split": f"{spec} (val)", "n": task.val.n_tokens} | task.evaluate_val(loaded.model)
     atomic_write_text(loaded.run.eval_json, json.dumps(result, indent=1))
     return result
 

@@ -41,16 +41,15 @@ def plot_training(run: Run) -> None:
 
 def write_training_report(run: Run, cfg, task, model, log=print) -> dict:
     """Evaluate on the test split (if any), plot the curves, write report.md; return test metrics."""
-    test = {}
-    if task.data.test is not None and len(task.data.test):
-        test = task.evaluate(model, task.data.test)
+    test = task.final_metrics(model)
     plot_training(run)
     lines = [f"# {run.root.name}", "", f"- task: {cfg.task}", f"- model: {cfg.model.arch}",
              f"- data: {cfg.data.train}", ""]
     if test:
-        lines += ["## Test split", "", "| metric | value |", "|---|---|"]
+        split = "Validation split" if cfg.task == "causal_lm" else "Test split"
+        lines += [f"## {split}", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in test.items()]
-        log("test: " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
+        log(("val: " if cfg.task == "causal_lm" else "test: ") + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
     lines += ["", "![curves](plots/loss.png)", ""]
     run.report.write_text("\n".join(lines))
     return test

@@ -12,10 +12,15 @@ from pydantic import Field
 from torch import nn
 
 from zerotune.data.base import DataInfo
-from zerotune.models import mlp
+from zerotune.models import bert, cnn, gpt, mlp, rnn
 
 ARCHS = {
     "mlp": (mlp.MLPConfig, mlp.build),
+    "cnn": (cnn.CNNConfig, cnn.build),
+    "resnet": (cnn.ResNetConfig, cnn.build_resnet),
+    "rnn": (rnn.RNNConfig, rnn.build),
+    "gpt": (gpt.GPTConfig, gpt.build),
+    "bert": (bert.BERTConfig, bert.build),
 }
 
 ModelConfig = Annotated[Union[tuple(cfg for cfg, _ in ARCHS.values())], Field(discriminator="arch")]  # noqa: UP007

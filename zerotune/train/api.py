@@ -25,7 +25,32 @@ def make_task(cfg: Config, device: torch.device):
         return SupervisedTask(data, batch_size=cfg.train.batch_size, seed=cfg.seed, loss=cfg.train.loss,
                               label_smoothing=cfg.train.label_smoothing, metrics=cfg.train.metrics,
                               augment=cfg.data.augment, device=device)
-    raise ZerotuneError(f"task {cfg.task!r} is not available in this version")
+    if cfg.task == "causal_lm":
+        from zerotune.train.tasks import LanguageModelTask
+
+        kind, _, folder = cfg.data.train.partition(":")
+        if kind != "shards":
+            raise ZerotuneError(f"data.train: task causal_lm reads token shards, got {cfg.data.train!r}; "
+                                "make them with `zerotune prepare` and set data.train=shards:DIR")
+        block = getattr(cfg.model, "block_size", None)
+        if block is None:
+            raise ZerotuneError(f"model.arch: task causal_lm needs a decoder (gpt), got {cfg.model.arch!r}")
+        return LanguageModelTask(folder, batch_size=cfg.train.batch_size, block_size=block, seed=cfg.seed,
+                                 sampling=cfg.data.sampling, eval_batches=cfg.data.eval_batches,
+                                 model_cfg=cfg.model, device=device)
+    raise ZerotuneError(f"task {cfg.task!r} is trained with `zerotune finetune` or is not available")
+
+
+def resolve_vocab(cfg: Config, task) -> Config:
+    """A decoder/encoder whose ``model.vocab_size`` is unset takes the tokenizer's; a smaller one is an error."""
+    if not hasattr(cfg.model, "vocab_size") or task.info.vocab_size is None:
+        return cfg
+    if cfg.model.vocab_size is None:
+        return cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": task.info.vocab_size})})
+    if cfg.model.vocab_size < task.info.vocab_size:
+        raise ZerotuneError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                            f"({task.info.vocab_size}); leave it unset to take the tokenizer's")
+    return cfg
 
 
 def default_out(config: Any) -> Path:
@@ -66,19 +91,21 @@ def train(config: str | Path | dict | Config | None = None, *, out: str | Path |
     seed_everything(cfg.seed)
     device = pick_device(cfg.train.device)
     task = make_task(cfg, device)  # validates the data before any folder is touched
+    cfg = resolve_vocab(cfg, task)
+    if hasattr(task, "model_cfg"):
+        task.model_cfg = cfg.model  # with the vocabulary resolved, for the FLOPs count
     model = build_model(cfg.model, task.info).to(device)
     if run is None:
         run = create_run(out or default_out(config), overwrite)
         atomic_write_text(run.config, cfg.to_yaml())
-    if task.data.tokenizer is not None and hasattr(task.data.tokenizer, "save"):
-        task.data.tokenizer.save(str(run.tokenizer))
+    if task.tokenizer is not None and hasattr(task.tokenizer, "save"):
+        task.tokenizer.save(str(run.tokenizer))
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"{cfg.model.arch}: {n_params:,} parameters · {len(task.data.train):,} training examples · "
-        f"{task.steps_per_epoch} steps/epoch · device {device}")
+    log(f"{cfg.model.arch}: {n_params:,} parameters · {task.describe()} · device {device}")
     state = train_loop(model, task, cfg, checkpoints=run.checkpoints, metrics_path=run.metrics, device=device,
                        resume=start, log=log)
     meta = {"format": "zerotune", "version": 1, "task": cfg.task, "model": cfg.model.model_dump(mode="json"),
-            "data_info": task.info.to_dict(), "preprocess": task.data.preprocess.to_dict(), "seed": cfg.seed,
+            "data_info": task.info.to_dict(), **task.model_meta(), "seed": cfg.seed,
             "step": state.step, "best_step": state.best_step, "finished": True}
     save_model(run, model, meta)
     _finish(run, cfg, task, model, log)

@@ -189,11 +189,11 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
         while state.step < total and not state.stopped_early:
             step = state.step
             x, y = task.batch(step)
-            n = len(y)
+            n = task.count(y)  # examples (or target tokens) in the whole step's batch
             optimizer.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), device=device)
             seed_grad = torch.full((), 1.0 / n, device=device)  # backprop Σ/n without a division node
-            for i in range(0, n, micro):
+            for i in range(0, len(x), micro):
                 with autocast_for(device, t.precision):
                     out = forward(x[i : i + micro])
                 loss = task.loss(out, y[i : i + micro])  # summed over the micro-batch
@@ -222,7 +222,7 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
             state.step += 1
             state.window_loss += loss_value
             state.window_steps += 1
-            window_samples += n
+            window_samples += len(x)
 
             record: dict[str, Any] = {}
             end_of_epoch = state.step % steps_per_epoch == 0

@@ -79,6 +79,24 @@ class SupervisedTask:
     def has_val(self) -> bool:
         return self.data.val is not None and len(self.data.val) > 0
 
+    def count(self, y: torch.Tensor) -> int:
+        return len(y)
+
+    def describe(self) -> str:
+        return f"{len(self.data.train):,} training examples · {self.steps_per_epoch} steps/epoch"
+
+    def model_meta(self) -> dict:
+        return {"preprocess": self.data.preprocess.to_dict()}
+
+    @property
+    def tokenizer(self):
+        return self.data.tokenizer
+
+    def final_metrics(self, model: nn.Module) -> dict[str, float]:
+        """Metrics for the report: the held-out test split."""
+        test = self.data.test
+        return self.evaluate(model, test) if test is not None and len(test) else {}
+
     def evaluate_val(self, model: nn.Module) -> dict[str, float]:
         return self.evaluate(model, self.data.val)
 
@@ -105,3 +123,96 @@ class SupervisedTask:
             result |= M.regression_metrics(pre.y_inverse(out.reshape(y.shape)), pre.y_inverse(y), self.metric_names)
         model.train(was_training)
         return result
+
+
+class LanguageModelTask:
+    """Causal language modelling on memory-mapped token shards (``data.train: shards:DIR``).
+
+    Batches are windows of ``block_size`` tokens drawn from the shards as a pure function of
+    (seed, step) (random offsets or consecutive windows); y is x shifted by one token. The loss
+    is the summed next-token cross-entropy; the loop divides it by the number of target tokens.
+    """
+
+    unit = "tokens"
+
+    def __init__(self, shards_dir: str, *, batch_size: int, block_size: int, seed: int, sampling: str,
+                 eval_batches: int, model_cfg=None, device: torch.device | str = "cpu", epochs_tokens: int | None = None
+                 ) -> None:
+        from zerotune.data.base import DataInfo
+        from zerotune.data.shards import ShardDataset
+        from zerotune.data.tokenizer import load_tokenizer
+
+        self.train = ShardDataset(shards_dir, "train")
+        try:
+            self.val = ShardDataset(shards_dir, "val")
+        except ZerotuneError:
+            self.val = None
+        self.device = torch.device(device)
+        self.batch_size, self.block_size, self.seed, self.sampling = batch_size, block_size, seed, sampling
+        self.eval_batches = eval_batches
+        self.units_per_example = block_size
+        if self.train.n_tokens <= block_size:
+            raise ZerotuneError(f"shards:{shards_dir}: {self.train.n_tokens} training tokens, fewer than one "
+                                f"window of model.block_size={block_size}")
+        # one "epoch" = as many windows as the train split holds without overlap
+        self.steps_per_epoch = max(1, self.train.n_tokens // (block_size * batch_size))
+        self._tokenizer = load_tokenizer(self.train.tokenizer_path) if self.train.tokenizer_path else None
+        self.info = DataInfo("tokens", [block_size], target="causal_lm", vocab_size=self.train.vocab_size)
+        self.model_cfg = model_cfg
+        self._peak = None
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def has_val(self) -> bool:
+        return self.val is not None and self.val.n_tokens > self.block_size
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.train.batch(step, self.batch_size, self.block_size, self.seed, self.sampling)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def count(self, y: torch.Tensor) -> int:
+        return y.numel()
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out.float().flatten(0, 1), y.flatten(), reduction="sum")  # (B·T, V) vs (B·T,)
+
+    @torch.no_grad()
+    def evaluate_split(self, model: nn.Module, split) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        total, tokens = 0.0, 0
+        for x, y in split.eval_batches(self.batch_size, self.block_size, self.eval_batches):
+            out = model(x.to(self.device))
+            total += float(self.loss(out, y.to(self.device)))
+            tokens += y.numel()
+        model.train(was_training)
+        loss = total / max(1, tokens)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+    def evaluate_val(self, model: nn.Module) -> dict[str, float]:
+        return self.evaluate_split(model, self.val)
+
+    def final_metrics(self, model: nn.Module) -> dict[str, float]:
+        return self.evaluate_val(model) if self.has_val else {}
+
+    def extra_log(self, record: dict) -> dict:
+        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak (see zerotune.train.mfu)."""
+        if self.model_cfg is None or getattr(self.model_cfg, "arch", None) != "gpt":
+            return {}
+        from zerotune.models.gpt import flops_per_token
+        from zerotune.train.mfu import peak_flops
+
+        if self._peak is None:
+            self._peak = peak_flops(self.device)
+        achieved = record["tokens_per_sec"] * flops_per_token(self.model_cfg, self.block_size)
+        return {"mfu": achieved / self._peak}
+
+    def describe(self) -> str:
+        val = f"{self.val.n_tokens:,}" if self.val is not None else "no"
+        return f"{self.train.n_tokens:,} training tokens · {val} val tokens · block {self.block_size}"
+
+    def model_meta(self) -> dict:
+        return {}
