@@ -6,6 +6,7 @@ Every command-line verb is a function here::
     zerotune.evaluate(run)                   # metrics dict, also RUN/eval.json
     zerotune.predict(run, "new.csv")         # predictions CSV
     zerotune.generate(run, ["The with statement"], max_new_tokens=50, seed=0)   # decoder runs
+    history = zerotune.fit(model, train=(x, y), val=(xv, yv), optimizer="adam", epochs=5)  # Keras-style
 
 (The names ``train``, ``evaluate`` and ``generate`` are bound to the verbs; their subpackages stay importable
 as ``from zerotune.train import loop``.)
@@ -19,5 +20,6 @@ from zerotune.config import load_config  # noqa: E402
 from zerotune.evaluate import evaluate, predict  # noqa: E402
 from zerotune.generate import generate_text as generate  # noqa: E402
 from zerotune.train.api import resume, train  # noqa: E402
+from zerotune.train.fit import fit  # noqa: E402
 
-__all__ = ["train", "resume", "evaluate", "predict", "generate", "load_config"]
+__all__ = ["train", "resume", "evaluate", "predict", "generate", "fit", "load_config"]

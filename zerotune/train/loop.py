@@ -151,15 +151,25 @@ def stop_signals():
             signal.signal(sig, h)
 
 
+@torch.no_grad()
+def global_grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """‖∇‖₂ over all gradients as one vector (the non-finite check needs it even without clipping)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch ≥ 2.6
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.nn.utils.clip_grad_norm_(params, math.inf)
+
+
 def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None = None,
                metrics_path: Path | None = None, device: torch.device | None = None,
-               resume: Path | None = None, log=print, par: Parallel | None = None) -> LoopState:
+               resume: Path | None = None, log=print, par: Parallel | None = None,
+               on_record=None) -> LoopState:
     """Train ``model`` on ``task`` as ``cfg.train`` says. Returns the final loop state.
 
     With ``checkpoints`` set, checkpoints are written there (latest + best); with ``resume``
     (a checkpoint folder), the run continues exactly where that checkpoint left it. ``par`` is
     this process's place in a multi-process run (from ``distributed.session``); under FSDP the
-    model is sharded in place.
+    model is sharded in place. ``on_record``, if given, is called with each metrics record.
     """
     t = cfg.train
     device = device or next(model.parameters()).device
@@ -205,6 +215,7 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
     if early and not task.has_val:
         raise ZerotuneError("train.early_stopping needs a validation split: set data.val or data.val_split > 0")
     best_weights = None
+    params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     window_samples, window_start = 0, time.perf_counter()
     with stop_signals() as caught:
@@ -215,16 +226,21 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
             optimizer.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), device=device)
             parts = par.micro_batches(x, y, t.batch_size, t.grad_accum)  # this process's share
+            seed_grad = torch.full((), par.grad_scale / n, device=device)  # backprop Σ·w/n without a division node
             for j, (x_m, y_m) in enumerate(parts):
                 with par.grad_sync(model, last=j == len(parts) - 1):
                     with autocast_for(device, t.precision):
                         out = forward(x_m)
-                    loss = task.loss(out, y_m) / n
-                    (loss * par.grad_scale).backward()
+                    loss = task.loss(out, y_m)  # summed over the micro-batch
+                    loss.backward(seed_grad)
                 loss_sum += loss.detach()
-            loss_value = float(par.sum(loss_sum))
-            grad_norm = par.clip_grad_norm(model, t.grad_clip or math.inf)
-            if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
+            loss_value = float(par.sum(loss_sum)) / n
+            # clip_grad_norm_ also rescales every gradient; without clipping only the norm is needed
+            if t.grad_clip or par.world_size > 1:
+                grad_norm = float(par.clip_grad_norm(model, t.grad_clip or math.inf))
+            else:
+                grad_norm = float(global_grad_norm(params))
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                 what = "loss" if not math.isfinite(loss_value) else "gradient norm"
                 if t.on_nonfinite == "skip" and state.skips < t.max_skips:
                     state.skips += 1
@@ -257,7 +273,6 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
                 if "mfu" in record:  # the throughput is all processes', the peak one device's
                     record["mfu"] /= par.world_size
                 state.window_loss, state.window_steps = 0.0, 0
-                window_samples, window_start = 0, time.perf_counter()
             evaluate_now = (state.step % t.eval_every == 0) if t.eval_every else end_of_epoch
             if (evaluate_now or state.step >= total) and task.has_val:
                 result = {f"val_{k}": v for k, v in par.evaluate_val(task, model).items()}
@@ -283,12 +298,17 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
                     save_step = True
             # the metrics line goes first: a checkpoint never runs ahead of metrics.jsonl
             if record:
-                logger.write({"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), **record})
+                record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), **record}
+                logger.write(record)
+                if on_record is not None:
+                    on_record(record)
                 if bar is not None:
                     bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in
                                      ("loss", "val_loss", "val_accuracy", "samples_per_sec", "tokens_per_sec")})
             if save_step:
                 save()
+            if "loss" in record:  # the next window starts after this step's evaluation, checkpoint and log
+                window_samples, window_start = 0, time.perf_counter()
             if bar is not None:
                 bar.update(1)
             if par.any(bool(caught)):  # every process stops at the same step
