@@ -8,6 +8,9 @@ Classification (from logits (N, K) and labels (N,)):
     topK_accuracy  label among the K largest logits (e.g. top5_accuracy)
     auroc          macro one-vs-rest area under the ROC curve
 Regression (from predictions and targets in the data's own units): mse, mae, r2.
+
+torchmetrics is imported on first use: it takes seconds to import, and most commands never
+compute a metric.
 """
 
 from __future__ import annotations
@@ -15,15 +18,6 @@ from __future__ import annotations
 import re
 
 import torch
-from torchmetrics.functional import mean_absolute_error, mean_squared_error, r2_score
-from torchmetrics.functional.classification import (
-    multiclass_accuracy,
-    multiclass_auroc,
-    multiclass_confusion_matrix,
-    multiclass_f1_score,
-    multiclass_precision,
-    multiclass_recall,
-)
 
 from zerotune.errors import ZerotuneError
 
@@ -41,6 +35,14 @@ def check_metric_names(names: list[str], target: str) -> None:
 
 
 def classification_metrics(logits: torch.Tensor, y: torch.Tensor, names: list[str]) -> dict[str, float]:
+    from torchmetrics.functional.classification import (
+        multiclass_accuracy,
+        multiclass_auroc,
+        multiclass_f1_score,
+        multiclass_precision,
+        multiclass_recall,
+    )
+
     k = logits.shape[-1]
     logits, y = logits.float().cpu(), y.cpu()
     out: dict[str, float] = {}
@@ -63,6 +65,8 @@ def classification_metrics(logits: torch.Tensor, y: torch.Tensor, names: list[st
 
 
 def per_class(logits: torch.Tensor, y: torch.Tensor, classes: list[str]) -> dict[str, dict[str, float]]:
+    from torchmetrics.functional.classification import multiclass_f1_score, multiclass_precision, multiclass_recall
+
     k = logits.shape[-1]
     logits, y = logits.float().cpu(), y.cpu()
     p = multiclass_precision(logits, y, num_classes=k, average=None)
@@ -77,10 +81,14 @@ def per_class(logits: torch.Tensor, y: torch.Tensor, classes: list[str]) -> dict
 
 def confusion_matrix(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(K, K) counts; row = true class, column = predicted class."""
+    from torchmetrics.functional.classification import multiclass_confusion_matrix
+
     return multiclass_confusion_matrix(logits.float().cpu(), y.cpu(), num_classes=logits.shape[-1])
 
 
 def regression_metrics(pred: torch.Tensor, y: torch.Tensor, names: list[str]) -> dict[str, float]:
+    from torchmetrics.functional import mean_absolute_error, mean_squared_error, r2_score
+
     pred, y = pred.float().cpu().reshape(y.shape), y.float().cpu()
     fns = {"mse": mean_squared_error, "mae": mean_absolute_error, "r2": r2_score}
     return {name: float(fns[name](pred, y)) for name in names}
