@@ -152,3 +152,27 @@ def test_bad_input():
         quantize_for_qlora(tiny_gpt(), 4, skip=["*"])
     with pytest.raises(ZerotuneError, match="is not a quantized linear layer"):
         dequantize_weight(nn.Linear(4, 4))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_state_dict_round_trip_for_resume(bits):
+    model = tiny_gpt()
+    prepare_qlora(model, ["attn.qkv"], r=4, alpha=8, bits=bits)
+    for layer in lora_layers(model).values():
+        nn.init.normal_(layer.lora_B, 0, 0.02)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = tiny_gpt()  # same base weights, adapters freshly initialised
+    prepare_qlora(fresh, ["attn.qkv"], r=4, alpha=8, bits=bits)
+    fresh.load_state_dict(state, strict=True)
+    idx = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(idx), model(idx), rtol=0, atol=0)
+
+
+def test_state_dict_of_another_base_is_refused():
+    model = tiny_gpt()
+    prepare_qlora(model, ["attn.qkv"], r=4, alpha=8, bits=4)
+    other = tiny_gpt(seed=1)
+    prepare_qlora(other, ["attn.qkv"], r=4, alpha=8, bits=4)
+    with pytest.raises(ZerotuneError, match=r"tensor 'blocks.0.attn.qkv.base.weight.*differs from the model's"):
+        model.load_state_dict(other.state_dict())

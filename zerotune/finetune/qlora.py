@@ -23,8 +23,10 @@ Order matters: adapters wrap plain ``nn.Linear`` layers, so apply LoRA first and
 after (the base linear inside each :class:`~zerotune.finetune.lora.LoRALinear` is quantized
 too). :func:`prepare_qlora` does the three steps. The output head is left in full precision by
 default, and a linear layer whose weight is shared with another module (a tied head) is never
-quantized. For export, :func:`dequantize_model` puts plain ``nn.Linear`` layers back
-(``merge_lora`` / ``unwrap_lora`` then work as usual).
+quantized. A state dict holds the packed weights and their quantization state; loading one
+back (resuming from a checkpoint) checks that the frozen base is the same. For export,
+:func:`dequantize_model` puts plain ``nn.Linear`` layers back (``merge_lora`` / ``unwrap_lora``
+then work as usual).
 
 Example:
     >>> prepare_qlora(model, ["attn.qkv", "attn.proj"], r=8, alpha=16, bits=4)
@@ -106,7 +108,30 @@ def quantize_linear(linear: nn.Linear, bits: int = 4, *, blocksize: int = 64, do
         q.weight = bnb.nn.Int8Params(w.to("cpu").clone(), requires_grad=False, has_fp16_weights=False)
     if has_bias:
         q.bias = nn.Parameter(linear.bias.detach().to("cpu").clone(), requires_grad=False)
-    return q.to(device)  # moving the module to a device is what quantizes the weight
+    q = q.to(device)  # moving the module to a device is what quantizes the weight
+    if bits == 4:
+        q._register_load_state_dict_pre_hook(_check_frozen_state, with_module=True)
+    return q
+
+
+def _check_frozen_state(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+    """Loading a state dict (a checkpoint to resume) into a 4-bit layer.
+
+    The packed weight and its quantization state never train, so a checkpoint of the same
+    run holds exactly the layer's own; they are checked equal and the quantization-state
+    entries consumed (bitsandbytes' ``Linear4bit`` saves them but does not load them back).
+    """
+    own: dict[str, torch.Tensor] = {}
+    module._save_to_state_dict(own, prefix, keep_vars=False)
+    for key, mine in own.items():
+        if key not in state_dict or key == prefix + "bias":
+            continue
+        theirs = state_dict[key]
+        if tuple(theirs.shape) != tuple(mine.shape) or not torch.equal(theirs.to(mine.device), mine):
+            raise ZerotuneError(f"tensor {key!r}: the saved 4-bit base weight differs from the model's "
+                                "(another base model or quantization settings)")
+        if key != prefix + "weight":
+            del state_dict[key]
 
 
 def quantize_for_qlora(model: nn.Module, bits: int = 4, *, skip: list[str] | tuple[str, ...] = ("lm_head",),
