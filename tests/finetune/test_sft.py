@@ -254,3 +254,14 @@ def test_bad_input_names_file_and_field(char_tok, tmp_path):
 def test_builtin_instructions_load():
     chats = load_instructions("builtin:pydoc_instructions")
     assert len(chats) > 50 and all(c[-1]["role"] == "assistant" and c[-1]["content"] for c in chats)
+
+
+def test_recipe_config_validates():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "gpt_sft.yaml")
+    assert cfg.task == "sft" and cfg.sft.template == ChatTemplate() and cfg.sft.max_length <= cfg.model.block_size
+    with pytest.raises(ZerotuneError, match=r"sft.packing: expected true or false"):
+        load_config({"task": "sft", "sft": {"packing": "maybe"}})
+    with pytest.raises(ZerotuneError, match=r"sft.template.bot: unknown key"):
+        load_config({"task": "sft", "sft": {"template": {"bot": "x"}}})
