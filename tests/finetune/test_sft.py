@@ -15,6 +15,7 @@ from zerotune.finetune.sft import (
     chat_prompt_ids,
     decode_chat,
     encode_chat,
+    end_token_id,
     example_pair,
     load_chat_template,
     load_instructions,
@@ -206,9 +207,10 @@ def test_tiny_gpt_learns_instructions(char_tok, tmp_path):
     train_loop(model, task, cfg, log=lambda *a: None)
     after = task.evaluate_split(model, task.train)["loss"]
     assert after < 0.1 * before, (before, after)
-    end = char_tok.token_to_id("<|end|>")
+    assert end_token_id(char_tok, T) == char_tok.token_to_id("<|end|>")
     chat = messages_from_row(rows[1])[:1]
-    out = generate(model, [chat_prompt_ids(chat, char_tok, T)], max_new_tokens=8, temperature=0, eos_id=end)
+    out = generate(model, [chat_prompt_ids(chat, char_tok, T)], max_new_tokens=8, temperature=0,
+                   eos_id=end_token_id(char_tok, T))
     assert char_tok.decode(out[0]) == "def"
 
 
@@ -247,6 +249,8 @@ def test_bad_input_names_file_and_field(char_tok, tmp_path):
         load_chat_template(tmp_path)
     with pytest.raises(ZerotuneError, match=r"template.user: 'two words' is not a single token"):
         decode_chat([1], char_tok, ChatTemplate(user="two words"))
+    with pytest.raises(ZerotuneError, match=r"template.end: 'two words' is not a single token"):
+        end_token_id(char_tok, ChatTemplate(end="two words"))
     with pytest.raises(ZerotuneError, match=r"the last user message has no end marker"):
         decode_chat([char_tok.token_to_id("<|user|>"), 20], char_tok, T)
 

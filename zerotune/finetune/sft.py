@@ -260,6 +260,18 @@ def chat_prompt_ids(messages: list[dict[str, str]], tokenizer, template: ChatTem
     return ids + _marker_ids(tokenizer, template.assistant)
 
 
+def end_token_id(tokenizer, template: ChatTemplate) -> int:
+    """The id generation stops at: the end marker (which must be a single token).
+
+    Raises:
+        ZerotuneError: the end marker is not one token of the vocabulary.
+    """
+    ids = _marker_ids(tokenizer, template.end)
+    if len(ids) != 1:
+        raise ZerotuneError(f"template.end: {template.end!r} is not a single token of the vocabulary")
+    return ids[0]
+
+
 def render_chat(messages: list[dict[str, str]], template: ChatTemplate, add_generation_prompt: bool = False) -> str:
     """The chat as text, markers included (what :func:`encode_chat` encodes, for display and logs)."""
     text = "".join(template.marker(m["role"]) + m["content"] + template.end
@@ -513,6 +525,6 @@ def make_sft_task(cfg, tokenizer, device: torch.device | str = "cpu", sft: SFTCo
 
 __all__ = [
     "ChatTemplate", "SFTConfig", "SFTTask", "SFTData", "build_rows", "chat_prompt_ids", "decode_chat",
-    "encode_chat", "example_pair", "load_chat_template", "load_instructions", "make_sft_task",
+    "encode_chat", "end_token_id", "example_pair", "load_chat_template", "load_instructions", "make_sft_task",
     "messages_from_row", "pack_pairs", "render_chat", "save_chat_template", "split_chats", "to_tensors",
 ]
