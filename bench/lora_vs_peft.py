@@ -9,10 +9,11 @@ is forward → cross-entropy → backward → optimizer step on a fixed batch. z
 ``F.scaled_dot_product_attention``; the Hugging Face model runs with
 ``attn_implementation="eager"`` (``--hf-attn sdpa`` switches it to its SDPA path).
 
-Each side runs in its own subprocess, so neither sees the other's allocations:
-
-    step time   median over --steps timed steps, after --warmup untimed ones
-    peak memory the process's resident-set high-water mark (Linux VmHWM) during the steps,
+    step time   both models in one process, their steps interleaved (zerotune, peft, zerotune,
+                ...), so a change in machine load hits both alike; the median over --steps
+                timed steps of each, after --warmup untimed ones
+    peak memory each side in its own subprocess, so neither sees the other's allocations: the
+                process's resident-set high-water mark (Linux VmHWM) during the steps,
                 minus its resident set just before them (the extra memory training needs:
                 activations, gradients, optimizer state); the high-water mark is reset
                 through /proc/self/clear_refs right before the first step, so model loading
@@ -35,6 +36,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the zerotune of this checkout, not an installed one
 SHAPE = {"vocab_size": 4096, "n_positions": 256, "n_embd": 256, "n_layer": 4, "n_head": 4}
 RANK, ALPHA = 8, 16
 
@@ -84,35 +86,61 @@ def build_peft(folder: Path, attn: str):
     return model.train(), lambda x: model(input_ids=x).logits
 
 
+class Trainer:
+    """One side: its model, AdamW on the trainable parameters, the fixed batch; ``step()`` times one step."""
+
+    def __init__(self, side: str, folder: Path, batch: int, seq: int, attn: str) -> None:
+        import torch
+
+        self.model, self.forward = build_zerotune(folder) if side == "zerotune" else build_peft(folder, attn)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.trainable, lr=1e-3)
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randint(0, SHAPE["vocab_size"], (batch, seq), generator=g)  # (B, T)
+        self.y = torch.randint(0, SHAPE["vocab_size"], (batch, seq), generator=g)  # (B, T)
+        self.losses: list[float] = []
+
+    def step(self) -> float:
+        import torch.nn.functional as F
+
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(self.forward(self.x).flatten(0, 1), self.y.flatten())  # (B·T, V) vs (B·T,)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        dt = time.perf_counter() - t0
+        self.losses.append(loss.item())
+        return dt
+
+
 def run_side(side: str, folder: Path, steps: int, warmup: int, batch: int, seq: int, attn: str) -> dict:
+    """Peak memory of one side's training steps (run in a subprocess of its own)."""
     import torch
-    import torch.nn.functional as F
 
     torch.set_num_threads(2)
-    model, forward = build_zerotune(folder) if side == "zerotune" else build_peft(folder, attn)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-3)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, SHAPE["vocab_size"], (batch, seq), generator=g)  # (B, T)
-    y = torch.randint(0, SHAPE["vocab_size"], (batch, seq), generator=g)  # (B, T)
+    trainer = Trainer(side, folder, batch, seq, attn)
     rss_before = _status_kb("VmRSS")
     reset = _reset_peak()
-    times, losses = [], []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        loss = F.cross_entropy(forward(x).flatten(0, 1), y.flatten())  # (B·T, V) vs (B·T,)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        dt = time.perf_counter() - t0
-        losses.append(loss.item())
-        if i >= warmup:
-            times.append(dt)
+    for _ in range(warmup + steps):
+        trainer.step()
     peak = _status_kb("VmHWM")
-    return {"side": side, "step_ms": 1000 * statistics.median(times), "first_loss": losses[0],
-            "last_loss": losses[-1], "peak_extra_mb": (peak - rss_before) / 1024, "peak_mb": peak / 1024,
-            "peak_reset": reset, "trainable": sum(p.numel() for p in trainable),
-            "torch_threads": torch.get_num_threads()}
+    return {"side": side, "first_loss": trainer.losses[0], "peak_extra_mb": (peak - rss_before) / 1024,
+            "peak_mb": peak / 1024, "peak_reset": reset, "trainable": sum(p.numel() for p in trainer.trainable)}
+
+
+def interleaved_step_ms(folder: Path, steps: int, warmup: int, batch: int, seq: int, attn: str) -> dict[str, float]:
+    """Median step time of each side, the two sides' steps alternating in this one process."""
+    import torch
+
+    torch.set_num_threads(2)
+    trainers = {side: Trainer(side, folder, batch, seq, attn) for side in ("zerotune", "peft")}
+    times: dict[str, list[float]] = {side: [] for side in trainers}
+    for i in range(warmup + steps):
+        for side, trainer in trainers.items():
+            dt = trainer.step()
+            if i >= warmup:
+                times[side].append(dt)
+    return {side: 1000 * statistics.median(t) for side, t in times.items()}
 
 
 def main() -> None:
@@ -141,11 +169,13 @@ def main() -> None:
                    "--hf-attn", args.hf_attn]
             out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
             results[side] = json.loads(out.strip().splitlines()[-1])
+        step_ms = interleaved_step_ms(folder, args.steps, args.warmup, args.batch, args.seq, args.hf_attn)
     z, p = results["zerotune"], results["peft"]
+    z["step_ms"], p["step_ms"] = step_ms["zerotune"], step_ms["peft"]
     shape = ", ".join(f"{k}={v}" for k, v in SHAPE.items())
     print(f"GPT-2 shape ({shape}), batch {args.batch} × {args.seq} tokens, fp32, eager mode, 2 threads, "
           f"LoRA r={RANK} α={ALPHA} on attention; zerotune SDPA vs Hugging Face {args.hf_attn} attention; "
-          f"median of {args.steps} steps after {args.warmup} warm-up")
+          f"median of {args.steps} interleaved steps after {args.warmup} warm-up")
     print(f"trainable parameters: zerotune {z['trainable']:,} · peft {p['trainable']:,}; "
           f"first loss: zerotune {z['first_loss']:.5f} · peft {p['first_loss']:.5f}")
     print()
