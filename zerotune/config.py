@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from zerotune.errors import ZerotuneError
+from zerotune.finetune.sft import SFTConfig
 from zerotune.models import ARCHS, ModelConfig
 from zerotune.models.mlp import MLPConfig
 
@@ -133,6 +134,7 @@ class Config(Strict):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
+    sft: SFTConfig | None = None  # instruction tuning (task: sft); see zerotune.finetune.sft
 
     @model_validator(mode="before")
     @classmethod
