@@ -137,8 +137,13 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
     except ValidationError as e:
         raise ZerotuneError(f"model: {describe_error(e.errors()[0])}", path=run.model_json) from None
     info = DataInfo.from_dict(meta["data_info"])
-    model = build_model(cfg, info)
-    load_state_dict_checked(model, load_weights(run.weights), run.weights)
+    from zerotune.finetune.api import is_finetuned, rebuild_model
+
+    if is_finetuned(meta):  # LoRA (base + adapter.safetensors) or a GPT sequence classifier
+        model = rebuild_model(run, meta, info)
+    else:
+        model = build_model(cfg, info)
+        load_state_dict_checked(model, load_weights(run.weights), run.weights)
     tokenizer = None
     if run.tokenizer.is_file():
         from tokenizers import Tokenizer
