@@ -149,6 +149,17 @@ def _gpt_body(model: GPT) -> GPT:
     return model
 
 
+def check_family(family: str, task: str, source: str) -> None:
+    """Can a model of ``family`` be fine-tuned for ``task``? (Checked before any data is read.)"""
+    allowed = {"classification": ("bert", "gpt", *CLASSIC), "regression": ("bert", "gpt", *CLASSIC),
+               "causal_lm": ("gpt",), "sft": ("gpt",)}
+    if task not in allowed:
+        raise ZerotuneError(f"task {task!r}: finetune supports {', '.join(allowed)}")
+    if family not in allowed[task]:
+        raise ZerotuneError(f"task {task}: needs a {' or '.join(allowed[task])} model, but SOURCE is a {family} "
+                            "model", path=source)
+
+
 def task_model(pre: Pretrained, task: str, info: DataInfo, pooling: str | None = None) -> tuple[nn.Module, list[str]]:
     """Put the head for ``task`` (data described by ``info``) on the pretrained model.
 
@@ -329,6 +340,7 @@ def finetune(config: str | Path | dict | Config | None = None, source: str | Pat
     seed_everything(cfg.seed)
     device = pick_device(cfg.train.device)
     pre = load_source_model(ft.source)
+    check_family(pre.family, cfg.task, ft.source)
     cfg = cfg.model_copy(update={"model": pre.config})
 
     with tempfile.TemporaryDirectory() as tmp:
