@@ -123,14 +123,13 @@ def test_freeze_train_last_block(tmp_path, minilm_weights):
 # ---------------------------------------------------------------- GPT: a run, then LoRA on shards
 
 
-@pytest.fixture(scope="module")
-def gpt_source(tmp_path_factory) -> tuple[Path, Path]:
+def make_gpt_source(tmp: Path) -> tuple[Path, Path]:
     """A tiny Hugging Face GPT-2 folder with a zerotune tokenizer, and token shards from the same tokenizer."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     from zerotune.data.shards import prepare
     from zerotune.data.tokenizer import train_tokenizer
 
-    tmp = tmp_path_factory.mktemp("gpt")
     corpus = tmp / "corpus.jsonl"
     words = "the cat sat on a mat and the dog ran to the park while birds sang".split()
     rng = random.Random(0)
@@ -146,6 +145,12 @@ def gpt_source(tmp_path_factory) -> tuple[Path, Path]:
     transformers.GPT2LMHeadModel(hf_cfg).save_pretrained(folder)
     shutil.copyfile(tok_file, folder / "tokenizer.json")
     return folder, shards
+
+
+@pytest.fixture(scope="module")
+def gpt_source(tmp_path_factory) -> tuple[Path, Path]:
+    pytest.importorskip("transformers")
+    return make_gpt_source(tmp_path_factory.mktemp("gpt"))
 
 
 def lm_config(shards: Path) -> dict:
