@@ -250,3 +250,29 @@ def test_missing_adapter_tensor_names_file_and_tensor(lora_run, tmp_path):
     with pytest.raises(ZerotuneError, match=r"adapter.safetensors: missing adapter tensor "
                                             r"'body.layers.3.attn.value.lora_A'"):
         load_run(broken)
+
+
+def test_gpt_sequence_classifier_pools_last_token(gpt_source, tmp_path):
+    folder, _ = gpt_source
+    with open(tmp_path / "pets.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows([("the cat sat on a mat", "cat"), ("the dog ran to the park", "dog")] * 10)
+    cfg = text_config(tmp_path / "pets.csv")
+    run = finetune(cfg, folder, method="lora", out=tmp_path / "run", log=lambda *_: None)
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["head"] == {"pooling": "last"}
+    assert meta["trainable_parameters"] == 2 * 8 * (32 + 96) + 32 * 2 + 2  # adapters + the new head
+    loaded = load_run(run)
+    ids = torch.tensor([loaded.tokenizer.encode("the cat sat").ids + [0] * 5])  # right padding, pad id 0
+    with torch.no_grad():
+        logits = loaded.model(ids)
+        hidden = loaded.model.body(ids)  # (1, 8, 32): the decoder's final-norm states
+    n_real = len(loaded.tokenizer.encode("the cat sat").ids)
+    expected = loaded.model.head(hidden[:, n_real - 1])  # the last real token, by hand
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
+    assert zerotune.evaluate(run)["n"] == 4
+    from zerotune.interop.export import export
+
+    with pytest.raises(ZerotuneError, match="--format hf: a GPT sequence classifier has no Hugging Face"):
+        export(run, "hf", tmp_path / "hf")
