@@ -323,7 +323,6 @@ def finetune(config: str | Path | dict | Config | None = None, source: str | Pat
             return run.root
         start = ckpt.latest_checkpoint(run.checkpoints)
         log(f"resuming {run.root} from {start.name}" if start else f"{run.root}: no checkpoint yet; starting at 0")
-        source = cfg.finetune.source
     else:
         if source is None:
             raise ZerotuneError("--from: give the model to fine-tune (a run folder, a Hugging Face folder or minilm)")
