@@ -14,6 +14,20 @@ Each method runs in its own process (so peak memory is its own) through the real
 
 Usage:
     python bench/minilm_finetune.py --steps 60 --max-length 64 --batch 16 --threads 2
+
+Results (``--steps 40 --max-length 48 --batch 16 --threads 2``; 2-core x86 CPU shared with other
+jobs, load average ≈ 14, so absolute step times are several times slower than on an idle machine;
+the ratios between methods are the useful part). 153 test examples, 4 classes:
+
+    | method            | step time (s) | peak RSS (MB) | trainable params | saved file (MB) | test acc | test F1 |
+    |-------------------|---------------|---------------|------------------|-----------------|----------|---------|
+    | full (lr 5e-5)    | 24.9          | 1172          | 22,566,916       | 86.7            | 0.869    | 0.726   |
+    | lora r=8 (1e-3)   | 13.5          |  958          | 75,268           |  0.3 (adapter)  | 0.810    | 0.594   |
+    | frozen body (1e-2)|  2.9          |  759          | 1,540            | 86.7            | 0.941    | 0.913   |
+
+After only 40 steps (~1.2 epochs) the frozen MiniLM sentence embeddings with a trained linear head
+are the most accurate: full and LoRA fine-tuning start from the same features but move slowly at
+their usual learning rates and need more steps.
 """
 
 from __future__ import annotations
