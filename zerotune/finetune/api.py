@@ -230,6 +230,11 @@ def apply_method(model: nn.Module, family: str, method: str, ft: FinetuneConfig,
         if ft.freeze:
             F.freeze(model, ft.freeze)
         return {}
+    targets = ft.lora.targets or DEFAULT_TARGETS.get(family)
+    if not targets:
+        raise ZerotuneError(f"finetune.lora.targets: required for a {family} model (names of its linear layers)")
+    modules = L.apply_lora(model, targets, ft.lora.r, ft.lora.alpha, ft.lora.dropout)
+    L.mark_only_lora_as_trainable(model, also=new)
     if method == "qlora":
         try:
             from zerotune.finetune.qlora import quantize_for_qlora
@@ -238,12 +243,8 @@ def apply_method(model: nn.Module, family: str, method: str, ft: FinetuneConfig,
                 raise
             raise ZerotuneError("--method qlora: the quantized base (zerotune.finetune.qlora) is not available "
                                 "in this version; use --method lora") from None
-        quantize_for_qlora(model, ft.qlora_bits)
-    targets = ft.lora.targets or DEFAULT_TARGETS.get(family)
-    if not targets:
-        raise ZerotuneError(f"finetune.lora.targets: required for a {family} model (names of its linear layers)")
-    modules = L.apply_lora(model, targets, ft.lora.r, ft.lora.alpha, ft.lora.dropout)
-    L.mark_only_lora_as_trainable(model, also=new)
+        # the frozen linear layers (LoRA bases included) are quantized; the new head stays full precision
+        quantize_for_qlora(model, ft.qlora_bits, skip=("lm_head", *(g.removesuffix(".*") for g in new)))
     return {"lora": {"r": ft.lora.r, "alpha": ft.lora.alpha, "dropout": ft.lora.dropout, "targets": targets,
                      "modules": modules, "also": new}}
 
