@@ -6,6 +6,7 @@
     optim     optimizer and its hyper-parameters
     schedule  learning-rate schedule with warmup
     train     the loop: epochs/steps, batch, loss, evaluation, checkpoints, early stopping
+    finetune  (optional) how ``zerotune finetune`` adapts a pretrained model: method, freezing, LoRA
 
 A config file must be a YAML mapping; defaults fill only keys it leaves out. ``--set a.b=v``
 overrides are parsed as YAML scalars and validated like the file. Every problem becomes a
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from zerotune.errors import ZerotuneError
 from zerotune.finetune.sft import SFTConfig
@@ -59,7 +60,16 @@ class DataConfig(Strict):
     tokenizer: str | None = None  # a tokenizer.json (or its folder) for text data
     sampling: Literal["random", "sequential"] = "random"  # language models: how windows are drawn from shards
     eval_batches: int = Field(20, ge=1)  # language models: val batches per evaluation
+    classes: list[str] | None = None  # classification: keep only these labels, in this order
     augment: AugmentConfig = AugmentConfig()
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _classes_as_strings(cls, v: Any) -> Any:
+        # YAML reads `classes: [5, 6]` as integers; labels are compared by name
+        if not isinstance(v, list):
+            return v
+        return [str(c) if isinstance(c, int) and not isinstance(c, bool) else c for c in v]
 
 
 class OptimConfig(Strict):
@@ -126,6 +136,26 @@ class TrainConfig(Strict):
         return self
 
 
+class LoRAConfig(Strict):
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] | None = None  # module names/globs; None: the family's default (see zerotune.finetune.api)
+
+
+class FinetuneConfig(Strict):
+    """How ``zerotune finetune`` adapts the model it starts from (``--from SOURCE``)."""
+
+    source: str | None = None  # the SOURCE (filled in by the verb, so that --resume finds it again)
+    method: Literal["full", "freeze", "lora", "qlora"] = "full"
+    freeze: list[str] = []  # "freeze": parameter-name globs to freeze, e.g. ["body.embeddings.*"]
+    train_last: int | None = Field(None, ge=0)  # "freeze": train only the last k blocks (and the head)
+    head_only: bool = False  # "freeze": train the head alone
+    lora: LoRAConfig = LoRAConfig()
+    qlora_bits: int = Field(4, ge=2, le=8)
+    pooling: Literal["mean", "cls", "last"] | None = None  # sequence heads; None: the family's default
+
+
 class Config(Strict):
     seed: int = 0
     task: Literal[TASKS] = "classification"  # type: ignore[valid-type]
@@ -135,6 +165,7 @@ class Config(Strict):
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
     sft: SFTConfig | None = None  # instruction tuning (task: sft); see zerotune.finetune.sft
+    finetune: FinetuneConfig | None = None
 
     @model_validator(mode="before")
     @classmethod

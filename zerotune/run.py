@@ -149,12 +149,17 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
             raise ZerotuneError(describe_error({**err, "loc": (key, *err["loc"])}), path=run.model_json) from None
     cfg, info = parsed["model"], parsed["data_info"]
     try:
-        model = build_model(cfg, info)
+        from zerotune.finetune.api import is_finetuned, rebuild_model
+
+        if is_finetuned(meta):  # LoRA (base + adapter.safetensors) or a GPT sequence classifier
+            model = rebuild_model(run, meta, info)
+        else:
+            model = build_model(cfg, info)
+            load_state_dict_checked(model, load_weights(run.weights), run.weights)
     except ZerotuneError as e:
         if e.path is not None:
             raise
         raise ZerotuneError(str(e), path=run.model_json) from None
-    load_state_dict_checked(model, load_weights(run.weights), run.weights)
     tokenizer = None
     if run.tokenizer.is_file():
         from zerotune.data.tokenizer import load_tokenizer

@@ -198,9 +198,37 @@ def _check_compatible(main: Source, other: Source, spec: str) -> Split:
     return split
 
 
+def keep_classes(source: Source, names: list[str], spec: str) -> Source:
+    """Keep only the examples labelled with one of ``names`` (``data.classes``); labels re-indexed in that order."""
+    if source.info.target != "classification":
+        raise ZerotuneError(f"data.classes: data spec {spec!r} has no class labels")
+    unknown = [c for c in names if c not in source.info.classes]
+    if unknown or len(set(names)) != len(names) or not names:
+        problem = f"labels {unknown[:5]} do not occur" if unknown else "expected distinct labels"
+        raise ZerotuneError(f"data.classes: {problem} in data spec {spec!r} (labels: {source.info.classes[:12]})")
+    remap = torch.full((len(source.info.classes),), -1, dtype=torch.long)
+    for new, name in enumerate(names):
+        remap[source.info.classes.index(name)] = new
+
+    def take(split: Split | None) -> Split | None:
+        if split is None:
+            return None
+        y = remap[split.y]
+        keep = y >= 0
+        return Split(split.x[keep], y[keep])
+
+    info = DataInfo(**{**source.info.to_dict(), "classes": list(names)})
+    return Source(take(source.train), info, take(source.test), source.tokenizer)
+
+
 def load_data(cfg, task: str = "classification", seed: int = 0) -> Data:
-    """Build normalised train/val/test splits from a ``DataConfig`` (see the module docstring)."""
+    """Build normalised train/val/test splits from a ``DataConfig`` (see the module docstring).
+
+    With ``data.classes`` set, every source keeps only the examples of those labels (step 0).
+    """
     source = load_source(cfg.train, cfg)
+    if cfg.classes:
+        source = keep_classes(source, cfg.classes, cfg.train)
     info = source.info
     if task == "regression" and info.target == "classification":
         try:  # numeric labels read as classes (e.g. integers in a CSV) are the regression targets
@@ -226,14 +254,19 @@ def load_data(cfg, task: str = "classification", seed: int = 0) -> Data:
 
 def _splits(source: Source, pool: Split, cfg, seed: int, stratify: bool) -> Data:
     info = source.info
+
+    def other(spec: str) -> Source:
+        loaded = load_source(spec, cfg)
+        return keep_classes(loaded, cfg.classes, spec) if cfg.classes else loaded
+
     if cfg.test:
-        test = _check_compatible(source, load_source(cfg.test, cfg), cfg.test)
+        test = _check_compatible(source, other(cfg.test), cfg.test)
     elif source.test is not None:
         test = source.test
     else:
         pool, test = split_off(pool, cfg.test_split, seed, stratify)
     if cfg.val:
-        val = _check_compatible(source, load_source(cfg.val, cfg), cfg.val)
+        val = _check_compatible(source, other(cfg.val), cfg.val)
     else:
         pool, val = split_off(pool, cfg.val_split, seed + 1, stratify)
     if len(pool) == 0:

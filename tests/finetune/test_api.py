@@ -1,0 +1,278 @@
+"""The finetune verb: MiniLM (builtin) with LoRA and freezing, a GPT run with LoRA on shards, digits transfer."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import zerotune
+from zerotune.errors import ZerotuneError
+from zerotune.finetune.api import finetune
+from zerotune.finetune.lora import lora_layers
+from zerotune.interop.hf import minilm_folder
+from zerotune.interop.hf_bert import load_hf_bert
+from zerotune.run import load_run
+
+H, I_, K = 384, 1536, 2  # MiniLM width, feed-forward width; two classes
+
+POSITIVE = ["a lovely bright sunny morning", "what a great and happy day", "the best film i have seen",
+            "wonderful kind people here", "i love this warm cozy place"]
+NEGATIVE = ["a cold grey miserable night", "what an awful and sad day", "the worst film i have seen",
+            "rude unpleasant people here", "i hate this noisy dirty place"]
+
+
+def write_text_csv(path: Path, repeat: int = 2) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for _ in range(repeat):
+            w.writerows([(t, "pos") for t in POSITIVE] + [(t, "neg") for t in NEGATIVE])
+    return path
+
+
+def text_config(csv_path: Path, **finetune_section) -> dict:
+    cfg = {"seed": 0,
+           "data": {"train": f"csv:{csv_path}", "max_length": 8, "test_split": 0.2, "val_split": 0.0},
+           "optim": {"name": "adamw", "lr": 5e-3},
+           "train": {"max_steps": 2, "batch_size": 4, "progress": False, "log_every": 1}}
+    if finetune_section:
+        cfg["finetune"] = finetune_section
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def minilm_weights() -> dict[str, torch.Tensor]:
+    model, _ = load_hf_bert(minilm_folder())
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("lora")
+    data = write_text_csv(tmp / "reviews.csv")
+    cfg = text_config(data, lora={"r": 4, "alpha": 8})
+    return finetune(cfg, "minilm", method="lora", out=tmp / "run", log=lambda *_: None)
+
+
+def test_lora_run_saves_small_adapter_and_counts_by_hand(lora_run):
+    meta = json.loads((lora_run / "model.json").read_text())
+    assert meta["base"] == "minilm" and meta["method"] == "lora"
+    assert meta["lora"]["targets"] == ["query", "value"] and len(meta["lora"]["modules"]) == 12
+    # 6 layers × (query, value) × r·(in + out), plus the new head H·K + K
+    assert meta["trainable_parameters"] == 12 * 4 * (H + H) + H * K + K
+    adapter = lora_run / "adapter.safetensors"
+    assert not (lora_run / "model.safetensors").exists()
+    assert adapter.stat().st_size < 0.01 * (minilm_folder() / "model.safetensors").stat().st_size
+    tensors = load_file(adapter)
+    assert set(tensors) == {f"{m}.lora_{ab}" for m in meta["lora"]["modules"] for ab in "AB"} | {"head.weight",
+                                                                                                  "head.bias"}
+    for name, t in tensors.items():  # B starts at zero: every B that trained has moved
+        if name.endswith("lora_B"):
+            assert t.abs().max() > 0, name
+    for f in ("config.yaml", "tokenizer.json", "metrics.jsonl", "report.md"):
+        assert (lora_run / f).is_file(), f
+
+
+def test_lora_run_rebuilds_base_plus_adapters(lora_run, minilm_weights):
+    loaded = load_run(lora_run)
+    model = loaded.model
+    assert len(lora_layers(model)) == 12
+    adapter = load_file(lora_run / "adapter.safetensors")
+    for name, t in model.state_dict().items():
+        if name in adapter:
+            torch.testing.assert_close(t, adapter[name], rtol=0, atol=0)
+        elif name.startswith("body."):  # frozen base: exactly MiniLM's weights
+            key = name.removeprefix("body.").replace(".base.", ".")
+            torch.testing.assert_close(t, minilm_weights[key], rtol=0, atol=0)
+    ids = torch.tensor([[101, 7592, 2088, 102, 0, 0, 0, 0]])
+    assert model(ids).shape == (1, K)
+
+
+def test_evaluate_and_predict_on_lora_run(lora_run, tmp_path):
+    result = zerotune.evaluate(lora_run)
+    assert result["n"] == 4 and 0 <= result["accuracy"] <= 1
+    new = write_text_csv(tmp_path / "new.csv", repeat=1)
+    out = zerotune.predict(lora_run, str(new), tmp_path / "pred.csv")
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 10 and {r["prediction"] for r in rows} <= {"neg", "pos"}
+
+
+def test_freeze_train_last_block(tmp_path, minilm_weights):
+    data = write_text_csv(tmp_path / "reviews.csv")
+    run = finetune(text_config(data, train_last=1), "minilm", method="freeze", out=tmp_path / "run",
+                   log=lambda *_: None)
+    meta = json.loads((run / "model.json").read_text())
+    layer = 4 * (H * H + H) + (H * I_ + I_) + (I_ * H + H) + 4 * H
+    assert meta["trainable_parameters"] == layer + H * K + K
+    weights = load_file(run / "model.safetensors")
+    for name, ref in minilm_weights.items():
+        mine = weights[f"body.{name}"]
+        if name.startswith("layers.5."):
+            assert not torch.equal(mine, ref), name  # trained
+        else:
+            torch.testing.assert_close(mine, ref, rtol=0, atol=0)  # frozen: unchanged
+
+
+# ---------------------------------------------------------------- GPT: a run, then LoRA on shards
+
+
+def make_gpt_source(tmp: Path) -> tuple[Path, Path]:
+    """A tiny Hugging Face GPT-2 folder with a zerotune tokenizer, and token shards from the same tokenizer."""
+    import transformers
+
+    from zerotune.data.shards import prepare
+    from zerotune.data.tokenizer import train_tokenizer
+
+    corpus = tmp / "corpus.jsonl"
+    words = "the cat sat on a mat and the dog ran to the park while birds sang".split()
+    rng = random.Random(0)
+    with open(corpus, "w") as f:
+        for _ in range(200):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(12))}) + "\n")
+    tok_file = train_tokenizer(f"jsonl:{corpus}", 300, tmp / "tok", progress=False)
+    shards = tmp / "shards"
+    prepare(f"jsonl:{corpus}", tok_file.parent, shards, val_fraction=0.2, progress=False)
+    torch.manual_seed(0)
+    hf_cfg = transformers.GPT2Config(vocab_size=300, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    folder = tmp / "hf-gpt2"
+    transformers.GPT2LMHeadModel(hf_cfg).save_pretrained(folder)
+    shutil.copyfile(tok_file, folder / "tokenizer.json")
+    return folder, shards
+
+
+@pytest.fixture(scope="module")
+def gpt_source(tmp_path_factory) -> tuple[Path, Path]:
+    pytest.importorskip("transformers")
+    return make_gpt_source(tmp_path_factory.mktemp("gpt"))
+
+
+def lm_config(shards: Path) -> dict:
+    return {"seed": 0, "task": "causal_lm", "data": {"train": f"shards:{shards}", "max_length": 16},
+            "optim": {"name": "adamw", "lr": 3e-3},
+            "train": {"max_steps": 3, "batch_size": 4, "progress": False, "log_every": 1}}
+
+
+@pytest.fixture(scope="module")
+def gpt_lora_run(gpt_source, tmp_path_factory) -> Path:
+    folder, shards = gpt_source
+    tmp = tmp_path_factory.mktemp("gptruns")
+    base = finetune(lm_config(shards), folder, out=tmp / "full", log=lambda *_: None)  # a zerotune GPT run
+    return finetune(lm_config(shards), base, method="lora", out=tmp / "lora", log=lambda *_: None)
+
+
+def test_gpt_run_lora_on_shards_then_generate(gpt_lora_run):
+    from zerotune.generate import generate
+
+    meta = json.loads((gpt_lora_run / "model.json").read_text())
+    assert meta["method"] == "lora" and meta["lora"]["modules"] == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
+    assert meta["trainable_parameters"] == 2 * 8 * (32 + 96)  # r·(in + out) per fused q/k/v projection
+    loaded = load_run(gpt_lora_run)
+    assert len(lora_layers(loaded.model)) == 2
+    prompt = loaded.tokenizer.encode("the cat").ids
+    out = generate(loaded.model, [prompt], max_new_tokens=5, temperature=0, seed=0)
+    assert len(out[0]) == 5 and all(0 <= t < 300 for t in out[0])
+
+
+# ---------------------------------------------------------------- classic nets: digits transfer
+
+
+def digits_cfg(classes: list[int], **extra) -> dict:
+    return {"seed": 0, "data": {"train": "builtin:digits", "classes": classes, "val_split": 0.1},
+            "model": {"arch": "cnn", "channels": [8], "hidden": [16]}, "optim": {"name": "adam", "lr": 0.01},
+            "train": {"epochs": 2, "batch_size": 64, "progress": False, "log_every": 5, "keep_last": 2}} | extra
+
+
+@pytest.fixture(scope="module")
+def digits_source(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("digits")
+    return zerotune.train(digits_cfg([0, 1, 2, 3, 4]), out=tmp / "src", log=lambda *_: None)
+
+
+def test_digits_transfer_trains_only_the_new_head(digits_source, tmp_path):
+    run = finetune(digits_cfg([5, 6, 7, 8, 9], finetune={"head_only": True}), digits_source, method="freeze",
+                   out=tmp_path / "transfer", log=lambda *_: None)
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["data_info"]["classes"] == ["5", "6", "7", "8", "9"]
+    # the head MLP: flatten 8 channels × 4 × 4 → 16 → 5 (its last layer replaced for the new labels)
+    assert meta["trainable_parameters"] == (128 * 16 + 16) + (16 * 5 + 5)
+    before, after = load_file(digits_source / "model.safetensors"), load_file(run / "model.safetensors")
+    for k in after:
+        if k.startswith("head."):
+            assert not torch.equal(after[k], before[k]), k  # trained
+        else:
+            torch.testing.assert_close(after[k], before[k], rtol=0, atol=0)  # frozen body
+    assert zerotune.evaluate(run)["accuracy"] > 0.5  # frozen 0–4 features carry over to 5–9
+
+
+def test_resume_finishes_like_an_uninterrupted_run(digits_source, tmp_path):
+    cfg = digits_cfg([5, 6, 7, 8, 9], finetune={"freeze": ["features.*"]})
+    cfg["train"] |= {"max_steps": 6, "checkpoint_every": 1, "epochs": None}
+    whole = finetune(cfg, digits_source, method="freeze", out=tmp_path / "whole", log=lambda *_: None)
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    (cut / "model.json").unlink()
+    shutil.rmtree(cut / "checkpoints" / "step-000006")  # as if stopped after step 5
+    finetune(resume=cut, log=lambda *_: None)
+    a, b = load_file(whole / "model.safetensors"), load_file(cut / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_source_is_one_line(tmp_path):
+    with pytest.raises(ZerotuneError, match=r"nowhere.*expected a zerotune run folder"):
+        finetune({}, tmp_path / "nowhere")
+    with pytest.raises(ZerotuneError, match="--method: expected one of"):
+        finetune({}, "minilm", method="magic")
+
+
+def test_wrong_family_is_one_line(digits_source, gpt_source):
+    _, shards = gpt_source
+    with pytest.raises(ZerotuneError, match=r"src: task causal_lm: needs a gpt model, but SOURCE is a cnn"):
+        finetune(lm_config(shards), digits_source)
+
+
+def test_missing_adapter_tensor_names_file_and_tensor(lora_run, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(lora_run, broken, ignore=shutil.ignore_patterns("checkpoints", "tb"))
+    tensors = load_file(broken / "adapter.safetensors")
+    del tensors["body.layers.3.attn.value.lora_A"]
+    save_file(tensors, broken / "adapter.safetensors")
+    with pytest.raises(ZerotuneError, match=r"adapter.safetensors: missing adapter tensor "
+                                            r"'body.layers.3.attn.value.lora_A'"):
+        load_run(broken)
+
+
+def test_gpt_sequence_classifier_pools_last_token(gpt_source, tmp_path):
+    folder, _ = gpt_source
+    with open(tmp_path / "pets.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows([("the cat sat on a mat", "cat"), ("the dog ran to the park", "dog")] * 10)
+    cfg = text_config(tmp_path / "pets.csv")
+    run = finetune(cfg, folder, method="lora", out=tmp_path / "run", log=lambda *_: None)
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["head"] == {"pooling": "last"}
+    assert meta["trainable_parameters"] == 2 * 8 * (32 + 96) + 32 * 2 + 2  # adapters + the new head
+    loaded = load_run(run)
+    ids = torch.tensor([loaded.tokenizer.encode("the cat sat").ids + [0] * 5])  # right padding, pad id 0
+    with torch.no_grad():
+        logits = loaded.model(ids)
+        hidden = loaded.model.body(ids)  # (1, 8, 32): the decoder's final-norm states
+    n_real = len(loaded.tokenizer.encode("the cat sat").ids)
+    expected = loaded.model.head(hidden[:, n_real - 1])  # the last real token, by hand
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
+    assert zerotune.evaluate(run)["n"] == 4
+    from zerotune.interop.export import export
+
+    with pytest.raises(ZerotuneError, match="--format hf: a GPT sequence classifier has no Hugging Face"):
+        export(run, "hf", tmp_path / "hf")
