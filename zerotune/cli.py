@@ -34,13 +34,52 @@ def _train(a: argparse.Namespace) -> int:
     if a.resume:
         if a.config or a.set:
             raise ZerotuneError("--resume continues a run with its own config.yaml; do not pass CONFIG or --set")
-        train(resume=a.resume)
+        if _is_finetune_run(a.resume):
+            from zerotune.finetune.api import finetune
+
+            finetune(resume=a.resume)
+        else:
+            train(resume=a.resume)
         return 0
     if not a.config:
         raise ZerotuneError("zerotune train: give a CONFIG file, or --resume RUN")
     run = train(a.config, out=a.out, overwrite=a.overwrite, overrides=a.set)
     if distributed.env_rank() == 0:
         print(f"run folder: {run}")
+    return 0
+
+
+def _is_finetune_run(run: str) -> bool:
+    """A run made by `zerotune finetune` names its source in config.yaml (finetune.source)."""
+    from zerotune.config import read_yaml
+
+    path = Path(run) / "config.yaml"
+    if not path.is_file():
+        return False
+    raw = read_yaml(path)
+    return isinstance(raw, dict) and isinstance(raw.get("finetune"), dict) and bool(raw["finetune"].get("source"))
+
+
+def _finetune(a: argparse.Namespace) -> int:
+    from zerotune.finetune.api import finetune
+
+    if a.resume:
+        if a.config or a.set or a.source:
+            raise ZerotuneError("--resume continues a run with its own config.yaml; "
+                                "do not pass CONFIG, --from or --set")
+        finetune(resume=a.resume)
+        return 0
+    if not a.config or not a.source:
+        raise ZerotuneError("zerotune finetune: give a CONFIG file and --from SOURCE, or --resume RUN")
+    run = finetune(a.config, a.source, method=a.method, out=a.out, overwrite=a.overwrite, overrides=a.set)
+    print(f"run folder: {run}")
+    return 0
+
+
+def _export(a: argparse.Namespace) -> int:
+    from zerotune.interop.export import export
+
+    print(f"exported: {export(a.run, format=a.format, out=a.out, overwrite=a.overwrite)}")
     return 0
 
 
@@ -151,6 +190,29 @@ def build_parser() -> Parser:
     s.add_argument("--nproc", type=int, metavar="N", help="train with N processes on this machine (starts torchrun; "
                    "one per GPU, or CPU processes); see docs/distributed.md")
     s.set_defaults(fn=_train)
+
+    s = sub.add_parser("finetune", help="fine-tune a pretrained model (a run, a Hugging Face folder, minilm)",
+                       description="Example: zerotune finetune configs/minilm_classify.yaml --from minilm "
+                       "--method lora. SOURCE is a zerotune run folder, a Hugging Face model folder "
+                       "(gpt2, llama, mistral, qwen2, bert) or the builtin name minilm.")
+    s.add_argument("config", nargs="?", help="YAML config file (see configs/)")
+    s.add_argument("--from", dest="source", metavar="SOURCE", help="the pretrained model")
+    s.add_argument("--method", choices=["full", "freeze", "lora", "qlora"],
+                   help="default: the config's finetune.method, else full")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    s.add_argument("--out", help="run folder (default runs/<config name>)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    s.add_argument("--resume", metavar="RUN", help="continue a fine-tuning run from its latest good checkpoint")
+    s.set_defaults(fn=_finetune)
+
+    s = sub.add_parser("export", help="write a run's model as a Hugging Face folder or zerotune safetensors",
+                       description="Example: zerotune export runs/minilm_classify --format hf --out exported/. "
+                       "LoRA adapters are merged first.")
+    s.add_argument("run", help="run folder")
+    s.add_argument("--format", default="hf", choices=["hf", "safetensors"])
+    s.add_argument("--out", help="folder to write (default RUN/export-FORMAT)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    s.set_defaults(fn=_export)
 
     s = sub.add_parser("evaluate", help="metrics of a trained run on its test split or other data",
                        description="Writes RUN/eval.json and RUN/plots/confusion_matrix.png.")

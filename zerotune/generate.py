@@ -179,7 +179,9 @@ def generate_text(
 ) -> list[str]:
     """Generate from a trained decoder run: encode the prompts with the run's tokenizer, sample with the
     KV cache, stop at EOS, and return each prompt's completion text. With one prompt and ``stream``,
-    text is passed to ``stream`` as it is produced (the prompt first).
+    text is passed to ``stream`` as it is produced (the prompt first). A run instruction-tuned with
+    ``task: sft`` (it holds ``chat_template.json``) gets each prompt as a user turn of its chat
+    template and stops at the template's end marker.
 
     Example:
         >>> zerotune.generate("runs/pydoc_gpt_tiny", ["The with statement"], max_new_tokens=40, seed=0)
@@ -195,10 +197,19 @@ def generate_text(
                             path=loaded.run.model_json)
     tok = loaded.tokenizer
     ids = special_ids(tok)
+    template = None
+    if (loaded.run.root / "chat_template.json").is_file():  # an instruction-tuned run: prompts are user turns
+        from zerotune.finetune.sft import chat_prompt_ids, end_token_id, load_chat_template
+
+        template = load_chat_template(loaded.run.root)
+        ids = {**ids, "eos": end_token_id(tok, template)}
     encoded = []
     for text in prompts:
-        prompt = tok.encode(text, add_special_tokens=False).ids
-        if ids["bos"] is not None and ids["bos"] != ids["eos"]:
+        if template is not None:
+            prompt = chat_prompt_ids([{"role": "user", "content": text}], tok, template)
+        else:
+            prompt = tok.encode(text, add_special_tokens=False).ids
+        if template is None and ids["bos"] is not None and ids["bos"] != ids["eos"]:
             prompt = [ids["bos"], *prompt]
         if not prompt:
             raise ZerotuneError("--prompt: the prompt is empty and the tokenizer has no BOS token")

@@ -384,6 +384,10 @@ def finetune(config: str | Path | dict | Config | None = None, source: str | Pat
         from zerotune.run import save_model
 
         save_model(run, model, meta | {"finished": True})
+    if getattr(task, "template", None) is not None:  # sft: generation formats prompts the same way
+        from zerotune.finetune.sft import save_chat_template
+
+        save_chat_template(task.template, run.root)
     _report(run, cfg, task, model, log)
     return run.root
 
