@@ -74,3 +74,7 @@ def test_bad_data_does_not_touch_existing_run(tmp_path, cfg_file):
     one_line_error(zt("train", cfg_file, "--out", run, "--overwrite", "--set", "data.train=builtin:nothing"),
                    "unknown builtin data set 'nothing'")
     assert sorted(p.name for p in run.rglob("*")) == before
+
+
+def test_no_verb_is_one_line():
+    one_line_error(zt(), "give a verb")

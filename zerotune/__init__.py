@@ -8,8 +8,10 @@ Every command-line verb is a function here::
     zerotune.generate(run, ["The with statement"], max_new_tokens=50, seed=0)   # decoder runs
     history = zerotune.fit(model, train=(x, y), val=(xv, yv), optimizer="adam", epochs=5)  # Keras-style
 
-(The names ``train``, ``evaluate`` and ``generate`` are bound to the verbs; their subpackages stay importable
-as ``from zerotune.train import loop``.)
+    model, tokenizer = zerotune.load("minilm")      # a run folder, a Hugging Face folder or minilm
+
+(The names ``train``, ``finetune``, ``evaluate`` and ``generate`` are bound to the verbs; their
+subpackages stay importable as ``from zerotune.train import loop``.)
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ __version__ = "0.1.0"
 
 from zerotune.config import load_config  # noqa: E402
 from zerotune.evaluate import evaluate, predict  # noqa: E402
+from zerotune.finetune.api import finetune  # noqa: E402
 from zerotune.generate import generate_text as generate  # noqa: E402
+from zerotune.interop.export import export  # noqa: E402
+from zerotune.interop.hf import load  # noqa: E402
 from zerotune.train.api import resume, train  # noqa: E402
 from zerotune.train.fit import fit  # noqa: E402
 
-__all__ = ["train", "resume", "evaluate", "predict", "generate", "fit", "load_config"]
+__all__ = ["train", "resume", "finetune", "evaluate", "predict", "generate", "export", "load", "fit",
+           "load_config"]

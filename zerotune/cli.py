@@ -295,8 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if not getattr(args, "fn", None):
-            build_parser().print_help()
-            return 2
+            raise ZerotuneError("zerotune: give a verb, e.g. zerotune train CONFIG (see zerotune --help)")
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"

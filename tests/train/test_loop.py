@@ -100,3 +100,15 @@ def test_nonfinite_loss_stops_with_clear_message(tmp_path):
     cfg["optim"] = {"name": "sgd", "lr": 1e30}
     with pytest.raises(RunFailed, match=r"step \d+: the (loss|gradient norm) is not finite"):
         train(cfg, out=tmp_path / "r", log=lambda *a: None)
+
+
+def test_out_of_memory_is_a_run_failure_with_advice(tmp_path, monkeypatch):
+    from zerotune.errors import RunFailed
+
+    def oom(self, out, y):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(SupervisedTask, "loss", oom)
+    with pytest.raises(RunFailed, match="step 0: out of memory on cpu; lower train.batch_size") as e:
+        train(tiny_config(), out=tmp_path / "r", log=lambda *a: None)
+    assert e.value.exit_code == 1

@@ -129,8 +129,43 @@ def load_pretrained(
                 f"model_type: {model_type!r} needs zerotune.interop.hf_decoder, which is not installed",
                 path=folder / "config.json",
             ) from None
-        return hf_decoder.load_hf_decoder(folder)
+        model, cfg = hf_decoder.load_hf_decoder(folder)
+        tokenizer = hf_bert.load_hf_tokenizer(folder)
+        pad_id = hf_decoder.hf_special_ids(folder).get("pad")
+        info = {
+            "family": "gpt",
+            "model_type": model_type,
+            "folder": str(folder),
+            "hidden": cfg.d_model,
+            "vocab_size": cfg.vocab_size,
+            "pad_id": pad_id if isinstance(pad_id, int) else None,
+            "max_length": cfg.block_size,
+            "pooling": "last",
+            "config": cfg.model_dump(mode="json"),
+        }
+        return model, tokenizer, info
     supported = ", ".join(ENCODER_TYPES + DECODER_TYPES)
     raise ZerotuneError(
         f"model_type: unsupported {model_type!r}; supported: {supported}", path=folder / "config.json"
     )
+
+
+def load(source: str | Path) -> tuple[nn.Module, Tokenizer | None]:
+    """``zerotune.load``: a model and its tokenizer from a run folder, a Hugging Face folder or ``minilm``.
+
+    The model is in eval mode; on a LongTensor of token ids (B, T) a decoder returns logits
+    (B, T, vocab) and an encoder without a head its last hidden states (B, T, H). The tokenizer is
+    None when the source has no tokenizer files.
+
+    Example:
+        >>> model, tokenizer = zerotune.load("minilm")
+        >>> hidden = model(torch.tensor([tokenizer.encode("hello world").ids]))   # (1, T, 384)
+    """
+    path = Path(source)
+    if path.is_dir() and (path / "config.yaml").is_file() and (path / "model.json").is_file():
+        from zerotune.run import load_run
+
+        loaded = load_run(path)
+        return loaded.model, loaded.tokenizer
+    model, tokenizer, _ = load_pretrained(source)
+    return model.eval(), tokenizer

@@ -227,13 +227,18 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
             loss_sum = torch.zeros((), device=device)
             parts = par.micro_batches(x, y, t.batch_size, t.grad_accum)  # this process's share
             seed_grad = torch.full((), par.grad_scale / n, device=device)  # backprop Σ·w/n without a division node
-            for j, (x_m, y_m) in enumerate(parts):
-                with par.grad_sync(model, last=j == len(parts) - 1):
-                    with autocast_for(device, t.precision):
-                        out = forward(x_m)
-                    loss = task.loss(out, y_m)  # summed over the micro-batch
-                    loss.backward(seed_grad)
-                loss_sum += loss.detach()
+            try:
+                for j, (x_m, y_m) in enumerate(parts):
+                    with par.grad_sync(model, last=j == len(parts) - 1):
+                        with autocast_for(device, t.precision):
+                            out = forward(x_m)
+                        loss = task.loss(out, y_m)  # summed over the micro-batch
+                        loss.backward(seed_grad)
+                    loss_sum += loss.detach()
+            except torch.OutOfMemoryError:
+                raise RunFailed(f"step {step}: out of memory on {device}; lower train.batch_size or raise "
+                                "train.grad_accum (same update, smaller micro-batches); the last good checkpoint "
+                                "is kept") from None
             loss_value = float(par.sum(loss_sum)) / n
             # clip_grad_norm_ also rescales every gradient; without clipping only the norm is needed
             if t.grad_clip or par.world_size > 1:
