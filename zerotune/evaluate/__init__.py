@@ -69,8 +69,10 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", plot
         raise ZerotuneError(f"--split: expected test, val or train, got {split!r}")
     loaded = load_run(run)
     info = loaded.info
-    if loaded.meta["task"] in ("causal_lm", "sft"):
+    if loaded.meta["task"] in ("causal_lm", "masked_lm"):
         return evaluate_language_model(loaded, data)
+    if loaded.meta["task"] == "sft":
+        return evaluate_instructions(loaded, data)
     if loaded.meta["task"] not in ("classification", "regression"):
         raise ZerotuneError(f"evaluate for task {loaded.meta['task']!r} is not available in this version")
     examples = _external_split(loaded, data) if data else _run_split(loaded, split)
@@ -102,21 +104,43 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", plot
 def evaluate_language_model(loaded: LoadedRun, data: str | None = None) -> dict[str, Any]:
     """Mean next-token loss (nats per token) and perplexity on the val split of the run's shards
     (or of ``data``, a ``shards:DIR``)."""
-    from zerotune.train.tasks import LanguageModelTask
+    from zerotune.train.tasks import LanguageModelTask, MaskedLanguageModelTask
 
     cfg = load_config(loaded.run.config)
     spec = data or cfg.data.train
     kind, _, folder = spec.partition(":")
     if kind != "shards":
         raise ZerotuneError(f"--data: a language model is evaluated on token shards (shards:DIR), got {spec!r}")
-    task = LanguageModelTask(folder, batch_size=cfg.train.batch_size, block_size=cfg.model.block_size,
-                             seed=cfg.seed, sampling="sequential", eval_batches=10**9, device="cpu")
+    if cfg.task == "masked_lm":
+        task = MaskedLanguageModelTask(folder, batch_size=cfg.train.batch_size, seed=cfg.seed, sampling="sequential",
+                                       block_size=min(cfg.data.max_length, cfg.model.max_position),
+                                       eval_batches=10**9, device="cpu")
+    else:
+        task = LanguageModelTask(folder, batch_size=cfg.train.batch_size, block_size=cfg.model.block_size,
+                                 seed=cfg.seed, sampling="sequential", eval_batches=10**9, device="cpu")
     if not task.has_val:
         raise ZerotuneError("the shards have no val split to evaluate on", path=folder)
     if task.info.vocab_size > loaded.info.vocab_size:
         raise ZerotuneError(f"the shards' vocabulary ({task.info.vocab_size}) is larger than the model's "
                             f"({loaded.info.vocab_size}); they were made with another tokenizer", path=folder)
     result = {"split": f"{spec} (val)", "n": task.val.n_tokens} | task.evaluate_val(loaded.model)
+    atomic_write_text(loaded.run.eval_json, json.dumps(result, indent=1))
+    return result
+
+
+def evaluate_instructions(loaded: LoadedRun, data: str | None = None) -> dict[str, Any]:
+    """An instruction-tuned run: loss (nats per answer token), perplexity and token accuracy on its
+    held-out instructions (``data.val`` or the seeded ``data.val_split``), or on all of ``data``."""
+    from zerotune.finetune.sft import make_sft_task
+
+    cfg = load_config(loaded.run.config)
+    if data:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": data, "val": data})})
+    task = make_sft_task(cfg, loaded.tokenizer, "cpu")
+    if not task.has_val:
+        raise ZerotuneError("the run has no held-out instructions (set data.val or data.val_split)",
+                            path=loaded.run.root)
+    result = {"split": f"{data} (all)" if data else "val"} | task.evaluate_val(loaded.model)
     atomic_write_text(loaded.run.eval_json, json.dumps(result, indent=1))
     return result
 

@@ -38,6 +38,19 @@ def make_task(cfg: Config, device: torch.device):
         return LanguageModelTask(folder, batch_size=cfg.train.batch_size, block_size=block, seed=cfg.seed,
                                  sampling=cfg.data.sampling, eval_batches=cfg.data.eval_batches,
                                  model_cfg=cfg.model, device=device)
+    if cfg.task == "masked_lm":
+        from zerotune.train.tasks import MaskedLanguageModelTask
+
+        kind, _, folder = cfg.data.train.partition(":")
+        if kind != "shards":
+            raise ZerotuneError(f"data.train: task masked_lm reads token shards, got {cfg.data.train!r}; "
+                                "make them with `zerotune prepare` and set data.train=shards:DIR")
+        if cfg.model.arch != "bert":
+            raise ZerotuneError(f"model.arch: task masked_lm trains an encoder (bert), got {cfg.model.arch!r}")
+        block = min(cfg.data.max_length, cfg.model.max_position)
+        return MaskedLanguageModelTask(folder, batch_size=cfg.train.batch_size, block_size=block, seed=cfg.seed,
+                                       sampling=cfg.data.sampling, eval_batches=cfg.data.eval_batches,
+                                       model_cfg=cfg.model, device=device)
     raise ZerotuneError(f"task {cfg.task!r} is trained with `zerotune finetune` or is not available")
 
 

@@ -219,3 +219,65 @@ class LanguageModelTask:
 
     def model_meta(self) -> dict:
         return {}
+
+
+class MaskedLanguageModelTask(LanguageModelTask):
+    """BERT-style masked language modelling on token shards (``task: masked_lm``).
+
+    Each window of ``block_size`` tokens is corrupted with the BERT rule (15 % of the
+    non-special tokens chosen; of those 80 % → mask token, 10 % → a random token, 10 % kept;
+    ``zerotune.data.mlm.mask_tokens``) from a generator seeded with (seed, step), so batches stay
+    a pure function of the step. The loss is the summed cross-entropy on the chosen tokens only;
+    the loop divides it by their number. Validation masks with a fixed seed, so every evaluation
+    scores the same corrupted windows.
+    """
+
+    def __init__(self, shards_dir: str, **kwargs) -> None:
+        from zerotune.data.tokenizer import special_ids
+
+        super().__init__(shards_dir, **kwargs)
+        self.info.target = "masked_lm"
+        ids = special_ids(self.tokenizer) if self.tokenizer is not None else {}
+        if ids.get("mask") is None:
+            raise ZerotuneError(f"shards:{shards_dir}: the tokenizer has no mask token (<|mask|> or [MASK]); "
+                                "train one with `zerotune tokenizer train`")
+        self.mask_id = ids["mask"]
+        self.special = [i for k, i in ids.items() if i is not None and k != "unk"]
+
+    def _mask(self, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from zerotune.data.mlm import mask_tokens
+
+        g = torch.Generator().manual_seed(seed)
+        return mask_tokens(x, vocab_size=self.info.vocab_size, mask_id=self.mask_id, special_ids=self.special,
+                           generator=g)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, _ = self.train.batch(step, self.batch_size, self.block_size, self.seed, self.sampling)
+        inputs, labels = self._mask(x, self.seed * 1_000_003 + step)
+        return inputs.to(self.device), labels.to(self.device)
+
+    def count(self, y: torch.Tensor) -> int:
+        return max(1, int((y != -100).sum()))
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+
+    @torch.no_grad()
+    def evaluate_split(self, model: nn.Module, split) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        total, tokens, correct = 0.0, 0, 0
+        for i, (x, _) in enumerate(split.eval_batches(self.batch_size, self.block_size, self.eval_batches)):
+            inputs, labels = self._mask(x, 10_007 + i)
+            out = model(inputs.to(self.device))
+            labels = labels.to(self.device)
+            total += float(self.loss(out, labels))
+            chosen = labels != -100
+            tokens += int(chosen.sum())
+            correct += int((out.argmax(-1)[chosen] == labels[chosen]).sum())
+        model.train(was_training)
+        loss = total / max(1, tokens)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / max(1, tokens)}
+
+    def extra_log(self, record: dict) -> dict:
+        return {}
