@@ -398,8 +398,11 @@ class SFTTask:
         self.template, self.max_length, self.packing = template, max_length, packing
         self.batch_size, self.seed = batch_size, seed
         self._tokenizer = tokenizer
+        from zerotune.train.tasks import EpochOrder  # here: zerotune.config imports this module
+
         self.n = len(train)
-        self.steps_per_epoch = math.ceil(self.n / batch_size)
+        self.order = EpochOrder(self.n, batch_size, seed, self.device)
+        self.steps_per_epoch = self.order.steps_per_epoch
         # throughput counts real positions, not padding
         self.units_per_example = max(1, round(float(train.lengths.float().mean())))
         from zerotune.data.tokenizer import special_ids
@@ -408,7 +411,6 @@ class SFTTask:
         self.info = DataInfo("tokens", [max_length], target="causal_lm", vocab_size=tokenizer.get_vocab_size(),
                              pad_id=pad)
         self._x, self._y, self._len = train.x.to(self.device), train.y.to(self.device), train.lengths.to(self.device)
-        self._perm_epoch, self._perm = -1, None
 
     @property
     def tokenizer(self):
@@ -418,16 +420,9 @@ class SFTTask:
     def has_val(self) -> bool:
         return self.val is not None and len(self.val) > 0
 
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g).to(self.device), epoch
-        return self._perm
-
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of optimizer step ``step``, cut to the longest row in the batch."""
-        epoch, i = divmod(step, self.steps_per_epoch)
-        index = self._permutation(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
+        index = self.order.indices(step)
         width = int(self._len[index].max())
         return self._x[index, :width], self._y[index, :width]  # (B, T), (B, T)
 

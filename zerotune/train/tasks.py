@@ -23,6 +23,25 @@ from zerotune.evaluate import metrics as M
 EVAL_BATCH = 1024
 
 
+class EpochOrder:
+    """The order in which ``n`` examples are visited: epoch e is a permutation drawn from a
+    generator seeded with (seed, e), and optimizer step s takes rows [i·B, (i+1)·B) of its
+    epoch's permutation (i = s mod steps_per_epoch; the last batch of an epoch may be short)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device | str = "cpu") -> None:
+        self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, device
+        self.steps_per_epoch = math.ceil(n / batch_size)
+        self._epoch, self._perm = -1, None
+
+    def indices(self, step: int) -> torch.Tensor:
+        """Example indices of optimizer step ``step`` (a pure function of seed and step)."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._epoch = torch.randperm(self.n, generator=g).to(self.device), epoch
+        return self._perm[i * self.batch_size : (i + 1) * self.batch_size]
+
+
 class SupervisedTask:
     """Classification or regression on tensors held on the device, batched by index."""
 
@@ -46,19 +65,12 @@ class SupervisedTask:
             raise ZerotuneError("data.augment: augmentation is for image data")
         self.train = data.train.to(self.device)
         self.n = len(self.train)
-        self.steps_per_epoch = math.ceil(self.n / batch_size)
-        self._perm_epoch, self._perm = -1, None
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g).to(self.device), epoch
-        return self._perm
+        self.order = EpochOrder(self.n, batch_size, seed, self.device)
+        self.steps_per_epoch = self.order.steps_per_epoch
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole batch of optimizer step ``step``."""
-        epoch, i = divmod(step, self.steps_per_epoch)
-        index = self._permutation(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
+        index = self.order.indices(step)
         x, y = self.train.x[index], self.train.y[index]
         if self.augment is not None:
             from zerotune.data.augment import augment_batch
