@@ -176,3 +176,20 @@ def test_state_dict_of_another_base_is_refused():
     prepare_qlora(other, ["attn.qkv"], r=4, alpha=8, bits=4)
     with pytest.raises(ZerotuneError, match=r"tensor 'blocks.0.attn.qkv.base.weight.*differs from the model's"):
         model.load_state_dict(other.state_dict())
+
+
+def test_qlora_method_through_the_finetune_verb_on_minilm(tmp_path):
+    """`zerotune finetune --method qlora` end to end: 4-bit MiniLM base, LoRA + head train, adapter saved."""
+    pytest.importorskip("bitsandbytes")
+    from zerotune.evaluate import evaluate
+    from zerotune.finetune.api import finetune
+
+    cfg = {"task": "classification",
+           "data": {"train": "builtin:docstrings", "max_length": 32, "test_split": 0.2, "val_split": 0.1},
+           "finetune": {"lora": {"r": 4, "alpha": 8, "targets": ["query", "value"]}},
+           "optim": {"name": "adamw", "lr": 0.001},
+           "train": {"epochs": None, "max_steps": 3, "batch_size": 8, "eval_every": 3, "progress": False}}
+    run = finetune(cfg, "minilm", method="qlora", out=tmp_path / "q", log=lambda *a: None)
+    assert (run / "adapter.safetensors").stat().st_size < 2_000_000
+    assert not (run / "model.safetensors").exists()
+    assert 0.0 <= evaluate(run)["accuracy"] <= 1.0

@@ -37,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 from torch import nn
@@ -55,7 +56,9 @@ def _bnb():
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        import bitsandbytes
+        with warnings.catch_warnings():  # its import uses the deprecated torch.jit.script_method
+            warnings.simplefilter("ignore")
+            import bitsandbytes
     except ImportError:
         raise ZerotuneError(
             "finetune.method qlora needs the bitsandbytes package: pip install 'zerotune[qlora]'"
