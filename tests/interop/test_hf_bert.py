@@ -243,12 +243,18 @@ def test_minilm_not_installed(monkeypatch):
         load_pretrained("minilm")
 
 
-def test_decoder_types_dispatch_to_the_decoder_reader(tmp_path, monkeypatch):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    calls = []
-    module = type(sys)("zerotune.interop.hf_decoder")
-    module.load_hf_decoder = lambda folder: calls.append(folder) or ("model", None, {"family": "gpt"})
-    monkeypatch.setitem(sys.modules, "zerotune.interop.hf_decoder", module)
-    monkeypatch.setattr(sys.modules["zerotune.interop"], "hf_decoder", module, raising=False)
-    assert load_pretrained(str(tmp_path)) == ("model", None, {"family": "gpt"})
-    assert calls == [tmp_path]
+def test_decoder_types_dispatch_to_the_decoder_reader(tmp_path):
+    import torch
+
+    from zerotune.interop.hf_decoder import export_hf_decoder
+    from zerotune.models.gpt import GPT, GPTConfig
+
+    cfg = GPTConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, d_model=16)
+    torch.manual_seed(0)
+    src = GPT(cfg).eval()
+    export_hf_decoder(src, cfg, tmp_path)
+    model, tokenizer, info = load_pretrained(str(tmp_path))
+    assert tokenizer is None and info["family"] == "gpt" and info["model_type"] == "gpt2"
+    assert info["hidden"] == 16 and info["pooling"] == "last" and info["max_length"] == 16
+    x = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(model.eval()(x), src(x), atol=1e-5, rtol=1e-5)
