@@ -158,10 +158,10 @@ def test_tokenizer_errors(tmp_path):
     with pytest.raises(ZerotuneError, match=r"missing: tokenizer file not found"):
         load_csv(str(f), DataConfig(tokenizer=str(tmp_path / "missing")))
     bad = _write(tmp_path / "bad.json", "{not json")
-    with pytest.raises(ZerotuneError, match=r"bad.json: not a tokenizer.json: invalid JSON"):
+    with pytest.raises(ZerotuneError, match=r"bad.json: not a tokenizer.json \(invalid JSON"):
         load_csv(str(f), DataConfig(tokenizer=str(bad)))
     wrong = _write(tmp_path / "wrong.json", '{"a": 1}')
-    with pytest.raises(ZerotuneError, match=r"wrong.json: not a valid tokenizer.json"):
+    with pytest.raises(ZerotuneError, match=r"wrong.json: not a tokenizer.json \(no 'model' section\)"):
         load_csv(str(f), DataConfig(tokenizer=str(wrong)))
     tok = Tokenizer(models.WordLevel({"hi": 0, "<unk>": 1}, unk_token="<unk>"))
     tok.save(str(tmp_path / "nopad.json"))

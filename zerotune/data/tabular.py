@@ -32,6 +32,7 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 from zerotune.data.base import DataInfo, Source, Split
+from zerotune.data.tokenizer import load_tokenizer
 from zerotune.errors import ZerotuneError
 
 if TYPE_CHECKING:
@@ -55,23 +56,6 @@ def build_word_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
     trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=[PAD, UNK], show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
-
-
-def load_tokenizer(spec: str | Path) -> Tokenizer:
-    """Load a Hugging Face ``tokenizer.json`` (the file, or a folder that holds one)."""
-    path = Path(spec)
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    if not path.is_file():
-        raise ZerotuneError("tokenizer file not found (expected a tokenizer.json or its folder)", path=path)
-    try:
-        json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ZerotuneError(f"not a tokenizer.json: invalid JSON ({e})", path=path) from None
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
-        raise ZerotuneError(f"not a valid tokenizer.json ({e})", path=path) from None
 
 
 def pad_id_of(tok: Tokenizer, path: object = None) -> int:
