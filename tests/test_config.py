@@ -26,6 +26,7 @@ def test_overrides_are_typed():
     [
         ("train:\n  epochs: five\n", "c.yaml: train.epochs: expected an integer, got 'five'"),
         ("train:\n  epochz: 3\n", "c.yaml: train.epochz: unknown key"),
+        ("0: 1\n", "c.yaml: 0: keys should be strings, got 0"),
         ("optim:\n  lr: -1\n", "c.yaml: optim.lr: input should be greater than 0, got -1"),
         ("model:\n  arch: nope\n", "c.yaml: model.arch: unknown arch 'nope'"),
         ("model:\n  arch: mlp\n  hidden: [4, x]\n", "c.yaml: model.hidden[1]: expected an integer, got 'x'"),

@@ -233,8 +233,10 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
 def _loc(loc: tuple) -> str:
     parts: list[str] = []
     for i, p in enumerate(loc):
-        if isinstance(p, int):
-            parts[-1] = f"{parts[-1]}[{p}]" if parts else str(p)
+        if isinstance(p, int) and parts:
+            parts[-1] = f"{parts[-1]}[{p}]"
+        elif isinstance(p, int):  # an integer key at the top of the file
+            parts.append(str(p))
         elif i > 0 and loc[i - 1] == "model" and p in ARCHS:
             continue  # the discriminator tag pydantic inserts for model.arch
         elif p in ("function-after", "function-before"):
