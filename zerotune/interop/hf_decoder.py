@@ -231,15 +231,18 @@ def hf_shapes(cfg: GPTConfig, family: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# GPT-2's per-block tensor names (under h.{i}.) → zerotune's (under blocks.{i}.), both directions
+GPT2_BLOCK_NAMES = {"ln_1": "norm1", "ln_2": "norm2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
+                    "mlp.c_fc": "mlp.fc", "mlp.c_proj": "mlp.proj"}
+
+
 def _to_zerotune(hf: dict[str, torch.Tensor], cfg: GPTConfig, family: str) -> dict[str, torch.Tensor]:
     sd: dict[str, torch.Tensor] = {}
     if family == "gpt2":
         sd["tok_emb.weight"], sd["pos_emb.weight"] = hf["wte.weight"], hf["wpe.weight"]
         sd["norm_f.weight"], sd["norm_f.bias"] = hf["ln_f.weight"], hf["ln_f.bias"]
-        names = {"ln_1": "norm1", "ln_2": "norm2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
-                 "mlp.c_fc": "mlp.fc", "mlp.c_proj": "mlp.proj"}  # fmt: skip
         for i in range(cfg.n_layer):
-            for theirs, ours in names.items():
+            for theirs, ours in GPT2_BLOCK_NAMES.items():
                 w = hf[f"h.{i}.{theirs}.weight"]
                 sd[f"blocks.{i}.{ours}.weight"] = w if theirs.startswith("ln") else w.t()  # Conv1D: (in, out)
                 sd[f"blocks.{i}.{ours}.bias"] = hf[f"h.{i}.{theirs}.bias"]
@@ -267,10 +270,8 @@ def _to_hf(model: GPT, cfg: GPTConfig, family: str) -> dict[str, torch.Tensor]:
     if family == "gpt2":
         hf["wte.weight"], hf["wpe.weight"] = sd["tok_emb.weight"], sd["pos_emb.weight"]
         hf["ln_f.weight"], hf["ln_f.bias"] = sd["norm_f.weight"], sd["norm_f.bias"]
-        names = {"ln_1": "norm1", "ln_2": "norm2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
-                 "mlp.c_fc": "mlp.fc", "mlp.c_proj": "mlp.proj"}  # fmt: skip
         for i in range(cfg.n_layer):
-            for theirs, ours in names.items():
+            for theirs, ours in GPT2_BLOCK_NAMES.items():
                 w = sd[f"blocks.{i}.{ours}.weight"]
                 hf[f"h.{i}.{theirs}.weight"] = w if theirs.startswith("ln") else w.t()
                 hf[f"h.{i}.{theirs}.bias"] = sd[f"blocks.{i}.{ours}.bias"]

@@ -33,7 +33,7 @@ from torch import nn
 from zerotune.data.base import DataInfo
 from zerotune.errors import ZerotuneError
 from zerotune.models.init import check_scheme, init_weights
-from zerotune.models.mlp import ACTIVATIONS, Activation
+from zerotune.models.mlp import ACTIVATIONS, Activation, check_hidden
 
 
 def _positive(name: str):
@@ -63,12 +63,7 @@ class CNNConfig(BaseModel):
     _check_init = field_validator("init")(lambda cls, v: check_scheme(v))
     _check_channels = field_validator("channels")(_positive("channels"))
 
-    @field_validator("hidden")
-    @classmethod
-    def _hidden(cls, v: list[int]) -> list[int]:
-        if any(h < 1 for h in v):
-            raise ValueError("hidden sizes must be ≥ 1")
-        return v
+    _check_hidden = field_validator("hidden")(lambda cls, v: check_hidden(v))
 
 
 class ResNetConfig(BaseModel):
@@ -86,12 +81,7 @@ class ResNetConfig(BaseModel):
     _check_widths = field_validator("widths")(_positive("widths"))
     _check_blocks = field_validator("blocks")(_positive("blocks"))
 
-    @field_validator("hidden")
-    @classmethod
-    def _hidden(cls, v: list[int]) -> list[int]:
-        if any(h < 1 for h in v):
-            raise ValueError("hidden sizes must be ≥ 1")
-        return v
+    _check_hidden = field_validator("hidden")(lambda cls, v: check_hidden(v))
 
     @field_validator("blocks")
     @classmethod

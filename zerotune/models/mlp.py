@@ -32,6 +32,13 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
+def check_hidden(sizes: list[int]) -> list[int]:
+    """Validate hidden layer widths (an empty list means no hidden layer); shared by the model configs."""
+    if any(h < 1 for h in sizes):
+        raise ValueError("hidden sizes must be ≥ 1")
+    return sizes
+
+
 class MLPConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -44,12 +51,7 @@ class MLPConfig(BaseModel):
 
     _check_init = field_validator("init")(lambda cls, v: check_scheme(v))
 
-    @field_validator("hidden")
-    @classmethod
-    def _positive(cls, v: list[int]) -> list[int]:
-        if any(h < 1 for h in v):
-            raise ValueError("hidden sizes must be ≥ 1")
-        return v
+    _check_hidden = field_validator("hidden")(lambda cls, v: check_hidden(v))
 
 
 class MLP(nn.Module):
