@@ -104,20 +104,14 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", plot
 def evaluate_language_model(loaded: LoadedRun, data: str | None = None) -> dict[str, Any]:
     """Mean next-token loss (nats per token) and perplexity on the val split of the run's shards
     (or of ``data``, a ``shards:DIR``)."""
-    from zerotune.train.tasks import LanguageModelTask, MaskedLanguageModelTask
+    from zerotune.train.api import shard_task
 
     cfg = load_config(loaded.run.config)
     spec = data or cfg.data.train
     kind, _, folder = spec.partition(":")
     if kind != "shards":
         raise ZerotuneError(f"--data: a language model is evaluated on token shards (shards:DIR), got {spec!r}")
-    if cfg.task == "masked_lm":
-        task = MaskedLanguageModelTask(folder, batch_size=cfg.train.batch_size, seed=cfg.seed, sampling="sequential",
-                                       block_size=min(cfg.data.max_length, cfg.model.max_position),
-                                       eval_batches=10**9, device="cpu")
-    else:
-        task = LanguageModelTask(folder, batch_size=cfg.train.batch_size, block_size=cfg.model.block_size,
-                                 seed=cfg.seed, sampling="sequential", eval_batches=10**9, device="cpu")
+    task = shard_task(cfg, "cpu", folder=folder, sampling="sequential", eval_batches=10**9)  # all of the val split
     if not task.has_val:
         raise ZerotuneError("the shards have no val split to evaluate on", path=folder)
     if task.info.vocab_size > loaded.info.vocab_size:

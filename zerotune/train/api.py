@@ -25,33 +25,38 @@ def make_task(cfg: Config, device: torch.device):
         return SupervisedTask(data, batch_size=cfg.train.batch_size, seed=cfg.seed, loss=cfg.train.loss,
                               label_smoothing=cfg.train.label_smoothing, metrics=cfg.train.metrics,
                               augment=cfg.data.augment, device=device)
-    if cfg.task == "causal_lm":
-        from zerotune.train.tasks import LanguageModelTask
+    if cfg.task in ("causal_lm", "masked_lm"):
+        return shard_task(cfg, device)
+    raise ZerotuneError(f"task {cfg.task!r} is trained with `zerotune finetune` or is not available")
 
+
+def shard_task(cfg: Config, device: torch.device | str, *, folder: str | None = None, sampling: str | None = None,
+               eval_batches: int | None = None):
+    """The causal_lm or masked_lm task over token shards: ``folder``, else data.train's ``shards:DIR``.
+
+    Windows are ``model.block_size`` tokens for a decoder and ``min(data.max_length,
+    model.max_position)`` for a masked-LM encoder; ``sampling``/``eval_batches`` default to the
+    config's ``data`` section.
+    """
+    from zerotune.train.tasks import LanguageModelTask, MaskedLanguageModelTask
+
+    if folder is None:
         kind, _, folder = cfg.data.train.partition(":")
         if kind != "shards":
-            raise ZerotuneError(f"data.train: task causal_lm reads token shards, got {cfg.data.train!r}; "
+            raise ZerotuneError(f"data.train: task {cfg.task} reads token shards, got {cfg.data.train!r}; "
                                 "make them with `zerotune prepare` and set data.train=shards:DIR")
+    if cfg.task == "masked_lm":
+        if cfg.model.arch != "bert":
+            raise ZerotuneError(f"model.arch: task masked_lm trains an encoder (bert), got {cfg.model.arch!r}")
+        make, block = MaskedLanguageModelTask, min(cfg.data.max_length, cfg.model.max_position)
+    else:
         block = getattr(cfg.model, "block_size", None)
         if block is None:
             raise ZerotuneError(f"model.arch: task causal_lm needs a decoder (gpt), got {cfg.model.arch!r}")
-        return LanguageModelTask(folder, batch_size=cfg.train.batch_size, block_size=block, seed=cfg.seed,
-                                 sampling=cfg.data.sampling, eval_batches=cfg.data.eval_batches,
-                                 model_cfg=cfg.model, device=device)
-    if cfg.task == "masked_lm":
-        from zerotune.train.tasks import MaskedLanguageModelTask
-
-        kind, _, folder = cfg.data.train.partition(":")
-        if kind != "shards":
-            raise ZerotuneError(f"data.train: task masked_lm reads token shards, got {cfg.data.train!r}; "
-                                "make them with `zerotune prepare` and set data.train=shards:DIR")
-        if cfg.model.arch != "bert":
-            raise ZerotuneError(f"model.arch: task masked_lm trains an encoder (bert), got {cfg.model.arch!r}")
-        block = min(cfg.data.max_length, cfg.model.max_position)
-        return MaskedLanguageModelTask(folder, batch_size=cfg.train.batch_size, block_size=block, seed=cfg.seed,
-                                       sampling=cfg.data.sampling, eval_batches=cfg.data.eval_batches,
-                                       model_cfg=cfg.model, device=device)
-    raise ZerotuneError(f"task {cfg.task!r} is trained with `zerotune finetune` or is not available")
+        make = LanguageModelTask
+    return make(folder, batch_size=cfg.train.batch_size, block_size=block, seed=cfg.seed,
+                sampling=sampling or cfg.data.sampling, eval_batches=eval_batches or cfg.data.eval_batches,
+                model_cfg=cfg.model, device=device)
 
 
 def resolve_vocab(cfg: Config, task) -> Config:
