@@ -40,3 +40,16 @@ def test_rnn_learns_a_text_csv_and_predicts_with_its_own_vocabulary(tmp_path):
         f.write("text\nthe film was superb\nthe plot was dreadful\n")
     rows = (predict(run, str(tmp_path / "new.csv"))).read_text().splitlines()
     assert [r.split(",")[1] for r in rows[1:]] == ["pos", "neg"]
+
+
+def test_evaluate_on_another_text_file_uses_the_runs_vocabulary(tmp_path):
+    write_reviews(tmp_path / "train.csv", 400, 0)
+    write_reviews(tmp_path / "other.csv", 100, 2)
+    cfg = {
+        "data": {"train": f"csv:{tmp_path / 'train.csv'}", "max_length": 12, "val_split": 0.1, "test_split": 0.1},
+        "model": {"arch": "rnn", "cell": "gru", "hidden": 32, "embed_dim": 16, "pooling": "mean"},
+        "optim": {"name": "adam", "lr": 0.01},
+        "train": {"epochs": 8, "batch_size": 32, "progress": False},
+    }
+    run = train(cfg, out=tmp_path / "run", log=lambda *a: None)
+    assert evaluate(run, data=f"csv:{tmp_path / 'other.csv'}")["accuracy"] > 0.95

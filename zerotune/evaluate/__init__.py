@@ -25,12 +25,19 @@ CLASSIFICATION_METRICS = ["accuracy", "precision", "recall", "f1", "top5_accurac
 REGRESSION_METRICS = ["mse", "mae", "r2"]
 
 
+def _run_data_config(loaded: LoadedRun):
+    """The run's data section, with text encoded by the run's own tokenizer (its vocabulary, not a new one)."""
+    data_cfg = load_config(loaded.run.config).data
+    if loaded.run.tokenizer.is_file():
+        data_cfg = data_cfg.model_copy(update={"tokenizer": str(loaded.run.tokenizer)})
+    return data_cfg
+
+
 def _external_split(loaded: LoadedRun, spec: str) -> Split:
     """Load ``spec`` and bring it into the run's space: same normalisation, labels by name."""
     from zerotune.data import load_source
 
-    cfg = load_config(loaded.run.config)
-    source = load_source(spec, cfg.data)
+    source = load_source(spec, _run_data_config(loaded))
     split = source.test if source.test is not None else source.train
     info = loaded.info
     if list(source.info.input_shape) != list(info.input_shape) and info.kind != "tokens":
@@ -201,10 +208,7 @@ def _external_split_for_predict(loaded: LoadedRun, spec: str) -> torch.Tensor:
     """Inputs only (labels, if the file has them, are ignored)."""
     from zerotune.data import load_source
 
-    cfg = load_config(loaded.run.config)
-    data_cfg = cfg.data
-    if loaded.run.tokenizer.is_file():  # text: encode with the run's own vocabulary
-        data_cfg = data_cfg.model_copy(update={"tokenizer": str(loaded.run.tokenizer)})
+    data_cfg = _run_data_config(loaded)
     if not _has_field(spec, data_cfg.label_column):
         data_cfg = data_cfg.model_copy(update={"label_column": None})
     source = load_source(spec, data_cfg)
