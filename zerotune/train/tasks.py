@@ -151,8 +151,7 @@ class LanguageModelTask:
     unit = "tokens"
 
     def __init__(self, shards_dir: str, *, batch_size: int, block_size: int, seed: int, sampling: str,
-                 eval_batches: int, model_cfg=None, device: torch.device | str = "cpu", epochs_tokens: int | None = None
-                 ) -> None:
+                 eval_batches: int, model_cfg=None, device: torch.device | str = "cpu") -> None:
         from zerotune.data.base import DataInfo
         from zerotune.data.shards import ShardDataset
         from zerotune.data.tokenizer import load_tokenizer
