@@ -138,7 +138,7 @@ def main() -> None:
         raise SystemExit("the benchmark compares fp32 without dropout or accumulation")
     task = make_task(cfg, torch.device("cpu"))
     task.val = None  # no evaluation after the last step: it is not training throughput
-    cfg = resolve_vocab(cfg, task)
+    cfg = resolve_vocab(cfg, task.info)
     task.model_cfg = cfg.model  # for the MFU column, as the train verb does
     init = build_model(cfg.model, task.info)
     init_state = {k: v.clone() for k, v in init.state_dict().items()}

@@ -276,6 +276,7 @@ def inspect_target(target: str, overrides: list[str] | None = None, batch_size: 
     from zerotune.config import load_config
     from zerotune.models import build_model
     from zerotune.run import load_run
+    from zerotune.train.api import resolve_vocab
 
     path = Path(target)
     if path.is_dir():
@@ -285,8 +286,7 @@ def inspect_target(target: str, overrides: list[str] | None = None, batch_size: 
     else:
         cfg = load_config(path, overrides)
         info = _info_for(cfg)
-        if getattr(cfg.model, "vocab_size", "n/a") is None:
-            cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": info.vocab_size})})
+        cfg = resolve_vocab(cfg, info)
         model = build_model(cfg.model, info)
     if info.kind == "tokens" and cfg.model.arch == "gpt":
         info = DataInfo(info.kind, [min(info.input_shape[0], 64)], info.target, info.classes, info.vocab_size,

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from zerotune.config import Config, load_config
+from zerotune.data.base import DataInfo
 from zerotune.errors import ZerotuneError
 from zerotune.run import Run, create_run, open_run, read_model_json, save_model
 from zerotune.train import checkpoint as ckpt
@@ -59,15 +60,15 @@ def shard_task(cfg: Config, device: torch.device | str, *, folder: str | None = 
                 model_cfg=cfg.model, device=device)
 
 
-def resolve_vocab(cfg: Config, task) -> Config:
+def resolve_vocab(cfg: Config, info: DataInfo) -> Config:
     """A decoder/encoder whose ``model.vocab_size`` is unset takes the tokenizer's; a smaller one is an error."""
-    if not hasattr(cfg.model, "vocab_size") or task.info.vocab_size is None:
+    if not hasattr(cfg.model, "vocab_size") or info.vocab_size is None:
         return cfg
     if cfg.model.vocab_size is None:
-        return cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": task.info.vocab_size})})
-    if cfg.model.vocab_size < task.info.vocab_size:
+        return cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": info.vocab_size})})
+    if cfg.model.vocab_size < info.vocab_size:
         raise ZerotuneError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-                            f"({task.info.vocab_size}); leave it unset to take the tokenizer's")
+                            f"({info.vocab_size}); leave it unset to take the tokenizer's")
     return cfg
 
 
@@ -116,7 +117,7 @@ def train(config: str | Path | dict | Config | None = None, *, out: str | Path |
         device = par.device
         seed_everything(cfg.seed)
         task = make_task(cfg, device)  # validates the data before any folder is touched
-        cfg = resolve_vocab(cfg, task)
+        cfg = resolve_vocab(cfg, task.info)
         if hasattr(task, "model_cfg"):
             task.model_cfg = cfg.model  # with the vocabulary resolved, for the FLOPs count
         model = build_model(cfg.model, task.info).to(device)
