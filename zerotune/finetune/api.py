@@ -236,13 +236,8 @@ def apply_method(model: nn.Module, family: str, method: str, ft: FinetuneConfig,
     modules = L.apply_lora(model, targets, ft.lora.r, ft.lora.alpha, ft.lora.dropout)
     L.mark_only_lora_as_trainable(model, also=new)
     if method == "qlora":
-        try:
-            from zerotune.finetune.qlora import quantize_for_qlora
-        except ModuleNotFoundError as e:
-            if e.name != "zerotune.finetune.qlora":
-                raise
-            raise ZerotuneError("--method qlora: the quantized base (zerotune.finetune.qlora) is not available "
-                                "in this version; use --method lora") from None
+        from zerotune.finetune.qlora import quantize_for_qlora  # bitsandbytes, on this path only
+
         # the frozen linear layers (LoRA bases included) are quantized; the new head stays full precision
         quantize_for_qlora(model, ft.qlora_bits, skip=("lm_head", *(g.removesuffix(".*") for g in new)))
     return {"lora": {"r": ft.lora.r, "alpha": ft.lora.alpha, "dropout": ft.lora.dropout, "targets": targets,
@@ -276,13 +271,8 @@ def make_finetune_task(cfg: Config, pre: Pretrained, device: torch.device):
                                 f"model's ({pre.config.vocab_size}); prepare them with the SOURCE's tokenizer")
         return task
     if cfg.task == "sft":
-        try:
-            from zerotune.finetune.sft import make_sft_task
-        except ModuleNotFoundError as e:
-            if e.name != "zerotune.finetune.sft":
-                raise
-            raise ZerotuneError("task sft: instruction tuning (zerotune.finetune.sft) is not available in this "
-                                "version") from None
+        from zerotune.finetune.sft import make_sft_task
+
         return make_sft_task(cfg, pre.tokenizer, device)
     raise ZerotuneError(f"task {cfg.task!r}: finetune supports classification, regression, causal_lm and sft")
 

@@ -119,16 +119,8 @@ def load_pretrained(
         }
         return model, tokenizer, info
     if model_type in DECODER_TYPES:
-        # imported here so that encoders load without the decoder module
-        try:
-            from zerotune.interop import hf_decoder
-        except ModuleNotFoundError as e:
-            if e.name != "zerotune.interop.hf_decoder":
-                raise
-            raise ZerotuneError(
-                f"model_type: {model_type!r} needs zerotune.interop.hf_decoder, which is not installed",
-                path=folder / "config.json",
-            ) from None
+        from zerotune.interop import hf_decoder
+
         model, cfg = hf_decoder.load_hf_decoder(folder)
         tokenizer = hf_bert.load_hf_tokenizer(folder)
         pad_id = hf_decoder.hf_special_ids(folder).get("pad")
