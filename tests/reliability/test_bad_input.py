@@ -69,6 +69,8 @@ CASES = [
     (["train", "{d}/c.yaml", "--set", "data.train=nosuch:x"], ["data spec 'nosuch:x': expected KIND:ARG"]),
     (["train", "{d}/c.yaml", "--set", "data.train=idx:{d}/nothing"], ["nothing: IDX folder not found"]),
     (["train", "{d}/c.yaml", "--set", "data.train=csv:{d}/bad.csv"], ["bad.csv: line 2: 3 fields"]),
+    (["train", "{d}/c.yaml", "--set", "data.in_memory=maybe"], ["data.in_memory: expected one of 'auto', True or"]),
+    (["train", "{d}/c.yaml", "--set", "data.num_workers=-1"], ["data.num_workers: input should be greater than or"]),
     (["train", "{d}/c.yaml", "--out", "{d}/a.txt"], ["a.txt: exists and is not a folder"]),
     (["train", "{d}/c.yaml", "--out", "{d}/plain"], ["plain: run folder already exists; pass --overwrite"]),
     (["train", "--resume", "{d}/nothing"], ["nothing: run folder not found"]),

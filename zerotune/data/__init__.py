@@ -105,6 +105,8 @@ class Preprocess:
     def x(self, x: torch.Tensor) -> torch.Tensor:
         if self.x_mean is None or not x.is_floating_point():
             return x
+        if hasattr(x, "map"):  # ImageFiles: normalised as each batch is decoded
+            return x.map(self.x)
         shape = self._shape(x)
         mean = torch.tensor(self.x_mean, dtype=x.dtype, device=x.device).view(shape)
         std = torch.tensor(self.x_std, dtype=x.dtype, device=x.device).view(shape)
@@ -127,7 +129,10 @@ class Preprocess:
     def fit(cls, train: Split, info: DataInfo) -> Preprocess:
         pre = cls()
         x = train.x
-        if x.is_floating_point() and len(x) > 1:
+        if hasattr(x, "channel_stats") and len(x) > 1:  # ImageFiles: one pass over the files
+            pre.channel_dim = 1
+            pre.x_mean, pre.x_std = x.channel_stats()
+        elif x.is_floating_point() and len(x) > 1:
             if info.kind == "image":
                 dims = [d for d in range(x.ndim) if d != 1]
                 pre.channel_dim = 1
@@ -135,8 +140,6 @@ class Preprocess:
                 dims = list(range(x.ndim - 1))
             pre.x_mean = x.double().mean(dims).flatten().tolist()
             pre.x_std = x.double().std(dims).clamp_min(1e-6).flatten().tolist()
-            if info.kind == "image":  # one statistic per channel
-                pass
         if info.target == "regression" and len(train) > 1:
             pre.y_mean = float(train.y.double().mean())
             pre.y_std = max(float(train.y.double().std()), 1e-6)
@@ -213,9 +216,8 @@ def keep_classes(source: Source, names: list[str], spec: str) -> Source:
     def take(split: Split | None) -> Split | None:
         if split is None:
             return None
-        y = remap[split.y]
-        keep = y >= 0
-        return Split(split.x[keep], y[keep])
+        kept = split.take(remap[split.y] >= 0)
+        return Split(kept.x, remap[kept.y])
 
     info = DataInfo(**{**source.info.to_dict(), "classes": list(names)})
     return Source(take(source.train), info, take(source.test), source.tokenizer)

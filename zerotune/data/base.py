@@ -15,7 +15,11 @@ import torch
 
 @dataclass
 class Split:
-    """One split held as tensors: ``x`` (N, ...) features or token ids, ``y`` (N,) or (N, k)."""
+    """One split: ``x`` (N, ...) features or token ids, ``y`` (N,) or (N, k), held as tensors.
+
+    ``x`` may instead be an ``ImageFiles`` (images decoded from their files on demand), which
+    indexes like the tensor it stands for.
+    """
 
     x: torch.Tensor
     y: torch.Tensor
@@ -24,7 +28,9 @@ class Split:
         return self.x.shape[0]
 
     def take(self, index: torch.Tensor) -> Split:
-        return Split(self.x[index], self.y[index])
+        """The examples at ``index`` (integer indices or a boolean mask); files stay on disk."""
+        x = self.x.subset(index) if hasattr(self.x, "subset") else self.x[index]
+        return Split(x, self.y[index])
 
     def to(self, device: torch.device | str) -> Split:
         return Split(self.x.to(device), self.y.to(device))

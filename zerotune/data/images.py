@@ -7,10 +7,19 @@
 Classes are the sub-folder names, sorted. PNG, JPEG, BMP and GIF files (first frame) are
 read with Pillow and resized (bilinear) to the size of the first image; they load as one
 channel when every image is greyscale, else as RGB. x is float32 (N, C, H, W), 0..255.
+
+Where the decoded images would not fit in memory (``data.in_memory``: ``auto`` compares
+N·C·H·W·4 bytes with half the available memory), x is an :class:`ImageFiles`: the file list,
+decoded on demand. Indexing it with a slice or an index tensor gives the same float32 tensor
+the in-memory path holds; training reads it through a DataLoader (``data.num_workers``
+processes decoding the next steps' batches while the model trains on this one).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,27 +37,150 @@ EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
-def _read(path: Path) -> Image.Image:
+def _open(path: Path, decode: bool = True) -> Image.Image:
+    """The first frame of an image file; with ``decode=False`` only its header is read."""
     try:
         with Image.open(path) as img:
             img.seek(0)  # first frame of an animated GIF
+            if not decode:
+                return img
             img.load()
             return img.copy()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise ZerotuneError(f"cannot read the image ({e})", path=path) from None
 
 
-def _is_grey(img: Image.Image) -> bool:
+def _is_grey(img: Image.Image, path: Path) -> bool:
     if img.mode in GREY_MODES:
         return True
-    if img.mode == "P":  # a palette image is grey when every palette entry has R = G = B
-        rgb = np.asarray(img.convert("RGB"))
+    if img.mode == "P":  # a palette image is grey when every palette entry it uses has R = G = B
+        rgb = np.asarray(_open(path).convert("RGB"))
         return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
     return False
 
 
+def _pixels(img: Image.Image, size: tuple[int, int], mode: str) -> np.ndarray:
+    """float32 (H, W) or (H, W, 3), 0..255, at ``size`` (W, H)."""
+    if img.mode.startswith("I;16"):  # 16-bit greyscale: 0..65535 → 0..255
+        img = Image.fromarray((np.asarray(img, dtype=np.float32) / 257).round().astype(np.uint8))
+    elif img.mode in ("I", "F"):  # 32-bit greyscale: clip to the 8-bit range
+        img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float32), 0, 255).round().astype(np.uint8))
+    img = img.convert(mode)
+    if img.size != size:
+        img = img.resize(size, Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.float32)
+
+
+def _to_tensor(arrays: list[np.ndarray], grey: bool) -> torch.Tensor:
+    """Stack (H, W) or (H, W, 3) arrays into float32 (N, C, H, W)."""
+    x = torch.from_numpy(np.stack(arrays))
+    return x.unsqueeze(1) if grey else x.permute(0, 3, 1, 2).contiguous()
+
+
+class ImageFiles:
+    """Images decoded from their files on demand, looking like the (N, C, H, W) tensor they make.
+
+    ``x[i:j]`` and ``x[index]`` decode those images (in threads: Pillow releases the GIL) and
+    apply ``transforms`` in order (the normalisation); :meth:`subset` and :meth:`map` return new
+    lazy views; ``to(device)`` sets where decoded batches go.
+    """
+
+    def __init__(self, files: list[Path], size: tuple[int, int], grey: bool,
+                 transforms: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = (),
+                 device: torch.device | str = "cpu") -> None:
+        self.files, self.size, self.grey, self.transforms = files, size, grey, transforms
+        self.device = torch.device(device)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size([len(self.files), 1 if self.grey else 3, self.size[1], self.size[0]])
+
+    @property
+    def ndim(self) -> int:
+        return 4
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def is_floating_point(self) -> bool:
+        return True
+
+    def _view(self, files: list[Path], transforms=None, device=None) -> ImageFiles:
+        return ImageFiles(files, self.size, self.grey, self.transforms if transforms is None else transforms,
+                          device or self.device)
+
+    def subset(self, index: torch.Tensor) -> ImageFiles:
+        """The images at ``index`` (integer indices or a boolean mask), still on disk."""
+        index = torch.as_tensor(index)
+        if index.dtype == torch.bool:
+            index = index.nonzero().flatten()
+        return self._view([self.files[i] for i in index.tolist()])
+
+    def tensor_split(self, sections: int) -> list[ImageFiles]:
+        """``sections`` near-equal contiguous parts, as ``torch.tensor_split`` cuts a tensor."""
+        return [self.subset(part) for part in torch.arange(len(self)).tensor_split(sections)]
+
+    def map(self, transform: Callable[[torch.Tensor], torch.Tensor]) -> ImageFiles:
+        """The same images with ``transform`` applied (after any earlier one) whenever they are decoded."""
+        return self._view(self.files, (*self.transforms, transform))
+
+    def to(self, device: torch.device | str) -> ImageFiles:
+        return self._view(self.files, device=device)
+
+    def decode(self, files: list[Path]) -> torch.Tensor:
+        """float32 (n, C, H, W) of ``files``, 0..255 (before the transforms)."""
+        if not files:
+            return torch.empty((0, *self.shape[1:]))
+        mode = "L" if self.grey else "RGB"
+        read = lambda p: _pixels(_open(p), self.size, mode)  # noqa: E731
+        with ThreadPoolExecutor(min(len(files), os.cpu_count() or 1, 8)) as pool:
+            return _to_tensor(list(pool.map(read, files)), self.grey)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, slice):
+            files = self.files[index]
+        else:
+            index = torch.as_tensor(index).cpu()
+            files = [self.files[i] for i in index.reshape(-1).tolist()]
+        x = self.decode(files)
+        for transform in self.transforms:
+            x = transform(x)
+        return x.to(self.device)
+
+    def channel_stats(self, chunk: int = 256) -> tuple[list[float], list[float]]:
+        """Per-channel mean and (unbiased) standard deviation over all images, chunk by chunk in
+        float64, the chunks' means and squared deviations combined as in Chan et al. (1979)."""
+        count = 0
+        mean, m2 = torch.zeros(self.shape[1], dtype=torch.float64), torch.zeros(self.shape[1], dtype=torch.float64)
+        for i in range(0, len(self), chunk):
+            x = self.decode(self.files[i : i + chunk]).double().transpose(0, 1).flatten(1)  # (C, n·H·W)
+            n, chunk_mean = x.shape[1], x.mean(1)
+            chunk_m2 = ((x - chunk_mean[:, None]) ** 2).sum(1)
+            delta = chunk_mean - mean
+            mean = mean + delta * n / (count + n)
+            m2 = m2 + chunk_m2 + delta * delta * count * n / (count + n)
+            count += n
+        std = (m2 / max(1, count - 1)).sqrt().clamp_min(1e-6)
+        return mean.tolist(), std.tolist()
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (physical memory where the system does not say)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def keep_in_memory(setting: str | bool, n_bytes: int) -> bool:
+    """``data.in_memory``: true/false as set; ``auto`` keeps data up to half the available memory."""
+    if setting == "auto":
+        return n_bytes <= available_memory() // 2
+    return bool(setting)
+
+
 def load_images(arg: str, cfg: DataConfig | None = None) -> Source:
-    """``images:DIR`` → Source of float32 (N, C, H, W) images and their class ids."""
+    """``images:DIR`` → Source of float32 (N, C, H, W) images (a tensor or :class:`ImageFiles`) and class ids."""
     root = Path(arg)
     if not root.is_dir():
         raise ZerotuneError("image folder not found" if not root.exists() else "not a folder", path=root)
@@ -63,21 +195,14 @@ def load_images(arg: str, cfg: DataConfig | None = None) -> Source:
         raise ZerotuneError(
             f"no images ({', '.join(sorted(EXTENSIONS))}) in the class sub-folders", path=root
         )
-    images = [_read(p) for p, _ in files]
-    size = images[0].size  # (W, H)
-    grey = all(_is_grey(img) for img in images)
-    mode = "L" if grey else "RGB"
-    arrays = []
-    for img in images:
-        if img.mode.startswith("I;16"):  # 16-bit greyscale: 0..65535 → 0..255
-            img = Image.fromarray((np.asarray(img, dtype=np.float32) / 257).round().astype(np.uint8))
-        elif img.mode in ("I", "F"):  # 32-bit greyscale: clip to the 8-bit range
-            img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float32), 0, 255).round().astype(np.uint8))
-        img = img.convert(mode)
-        if img.size != size:
-            img = img.resize(size, Image.Resampling.BILINEAR)
-        arrays.append(np.asarray(img, dtype=np.float32))
-    x = torch.from_numpy(np.stack(arrays))  # (N, H, W) or (N, H, W, 3)
-    x = x.unsqueeze(1) if grey else x.permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
     y = torch.tensor([label for _, label in files], dtype=torch.long)
+    headers = [_open(p, decode=False) for p, _ in files]
+    size = headers[0].size  # (W, H)
+    grey = all(_is_grey(img, p) for img, (p, _) in zip(headers, files, strict=True))
+    n_bytes = len(files) * (1 if grey else 3) * size[0] * size[1] * 4
+    if not keep_in_memory(cfg.in_memory if cfg is not None else "auto", n_bytes):
+        x = ImageFiles([p for p, _ in files], size, grey)
+    else:
+        mode = "L" if grey else "RGB"
+        x = _to_tensor([_pixels(_open(p), size, mode) for p, _ in files], grey)
     return Source(Split(x, y), DataInfo("image", list(x.shape[1:]), classes=classes))

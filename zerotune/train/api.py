@@ -25,7 +25,7 @@ def make_task(cfg: Config, device: torch.device):
         data = load_data(cfg.data, cfg.task, cfg.seed)
         return SupervisedTask(data, batch_size=cfg.train.batch_size, seed=cfg.seed, loss=cfg.train.loss,
                               label_smoothing=cfg.train.label_smoothing, metrics=cfg.train.metrics,
-                              augment=cfg.data.augment, device=device)
+                              augment=cfg.data.augment, device=device, num_workers=cfg.data.num_workers)
     if cfg.task in ("causal_lm", "masked_lm"):
         return shard_task(cfg, device)
     raise ZerotuneError(f"task {cfg.task!r} is trained with `zerotune finetune` or is not available")

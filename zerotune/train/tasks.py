@@ -9,7 +9,9 @@ batches an uninterrupted run would have seen, with no iterator state to save.
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,7 @@ from torch import nn
 
 from zerotune.data import Data
 from zerotune.data.base import Split
+from zerotune.data.images import ImageFiles
 from zerotune.errors import ZerotuneError
 from zerotune.evaluate import metrics as M
 
@@ -42,13 +45,65 @@ class EpochOrder:
         return self._perm[i * self.batch_size : (i + 1) * self.batch_size]
 
 
+class FileBatches(torch.utils.data.Dataset):
+    """Item s is optimizer step s's batch (x, y), decoded from files (a split whose x is ``ImageFiles``).
+
+    A read error comes back as its message (a ``str``), so that the training process can raise it
+    as one line instead of a worker's traceback.
+    """
+
+    def __init__(self, split: Split, order: EpochOrder) -> None:
+        self.split, self.order = split, order
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor] | str:
+        index = self.order.indices(step)
+        try:
+            return self.split.x[index], self.split.y[index]
+        except ZerotuneError as e:
+            return str(e)
+
+
+class StepLoader:
+    """The batches of steps s, s+1, ... through a DataLoader: ``workers`` processes decode the
+    next steps' batches while the model trains on this one. Asking for a step out of order
+    (resuming) starts a new pass at that step; the batches are the same either way."""
+
+    def __init__(self, split: Split, batch_size: int, seed: int, workers: int, device: torch.device) -> None:
+        self.order = EpochOrder(len(split), batch_size, seed)  # indices on the CPU, where files are read
+        self.batches = FileBatches(split.to("cpu"), self.order)
+        self.workers, self.device = workers, device
+        self._next, self._it = None, None
+
+    def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if step != self._next:
+            loader = torch.utils.data.DataLoader(
+                self.batches, batch_size=None, sampler=itertools.count(step), num_workers=self.workers,
+                pin_memory=self.device.type == "cuda", prefetch_factor=2 if self.workers else None,
+                generator=torch.Generator())  # its own: the global RNG (dropout) stays as without a loader
+            self._it = iter(loader)
+        item = next(self._it)
+        if isinstance(item, str):
+            self._next = None
+            raise ZerotuneError(item)
+        self._next = step + 1
+        x, y = item
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def default_workers() -> int:
+    """DataLoader processes when data.num_workers is unset: half the CPUs, at most 8."""
+    return min(8, max(1, (os.cpu_count() or 2) // 2))
+
+
 class SupervisedTask:
-    """Classification or regression on tensors held on the device, batched by index."""
+    """Classification or regression on tensors held on the device, batched by index; images that
+    do not fit in memory are read from their files by a :class:`StepLoader` in the same order."""
 
     unit, units_per_example = "samples", 1
 
     def __init__(self, data: Data, *, batch_size: int, seed: int, loss: str, label_smoothing: float,
-                 metrics: list[str], augment=None, device: torch.device | str = "cpu") -> None:
+                 metrics: list[str], augment=None, device: torch.device | str = "cpu",
+                 num_workers: int | None = None) -> None:
         self.data, self.info, self.device = data, data.info, torch.device(device)
         self.batch_size, self.seed = batch_size, seed
         default_loss = "cross_entropy" if self.info.target == "classification" else "mse"
@@ -67,11 +122,18 @@ class SupervisedTask:
         self.n = len(self.train)
         self.order = EpochOrder(self.n, batch_size, seed, self.device)
         self.steps_per_epoch = self.order.steps_per_epoch
+        self.files = None
+        if isinstance(self.train.x, ImageFiles):
+            workers = default_workers() if num_workers is None else num_workers
+            self.files = StepLoader(data.train, batch_size, seed, workers, self.device)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole batch of optimizer step ``step``."""
-        index = self.order.indices(step)
-        x, y = self.train.x[index], self.train.y[index]
+        if self.files is not None:
+            x, y = self.files.get(step)
+        else:
+            index = self.order.indices(step)
+            x, y = self.train.x[index], self.train.y[index]
         if self.augment is not None:
             from zerotune.data.augment import augment_batch
 
@@ -95,7 +157,9 @@ class SupervisedTask:
         return len(y)
 
     def describe(self) -> str:
-        return f"{len(self.data.train):,} training examples · {self.steps_per_epoch} steps/epoch"
+        workers = self.files.workers if self.files is not None else 0
+        where = f" · read from files by {workers} worker{'s' * (workers != 1)}" if self.files is not None else ""
+        return f"{len(self.data.train):,} training examples · {self.steps_per_epoch} steps/epoch{where}"
 
     def model_meta(self) -> dict:
         return {"preprocess": self.data.preprocess.to_dict()}
