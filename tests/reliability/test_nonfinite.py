@@ -123,3 +123,35 @@ def test_skip_beyond_max_skips_via_cli_exits_1(tmp_path, capfd):
     assert first < 21 <= second < 42  # one bad batch in each epoch of 21 steps
     last = ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert ckpt.verify(last) is None and first < int(last.name.split("-")[1]) <= second
+
+
+class SqrtAtZero(torch.nn.Module):
+    """Finite outputs, but d√s/ds at s = 0 is inf: a non-finite gradient under a finite loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+        self.s = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return self.linear(x) + torch.sqrt(self.s)
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1.0])
+def test_nonfinite_gradient_under_a_finite_loss_stops_at_its_step(grad_clip):
+    from zerotune.config import Config
+    from zerotune.data import Data
+    from zerotune.data.base import DataInfo, Split
+    from zerotune.train.loop import train_loop
+
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g))
+    data = Data(split, None, None, DataInfo("tabular", [4], classes=["a", "b", "c"]))
+    task = SupervisedTask(data, batch_size=8, seed=0, loss="auto", label_smoothing=0.0, metrics=[])
+    model = SqrtAtZero()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = Config.model_validate({"train": {"epochs": 1, "progress": False, "grad_clip": grad_clip}})
+    with pytest.raises(RunFailed, match=r"^step 0: the gradient norm is not finite \(loss=[0-9.]+\)"):
+        train_loop(model, task, cfg, device=torch.device("cpu"), log=lambda *a: None)
+    for k, v in model.state_dict().items():  # the bad update was never applied
+        assert torch.equal(v, before[k]), k
