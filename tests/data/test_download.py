@@ -141,20 +141,3 @@ def test_archive_escaping_the_folder_is_refused(tmp_path, server, monkeypatch):
         dl.download("cifar10", tmp_path / "c", mirror=url)
     assert not (tmp_path / "escaped.txt").exists()
 
-
-def test_missing_data_message():
-    line = dl.missing_data_message("mnist", "data/mnist")
-    assert "zerotune data download mnist data/mnist" in line and "idx:data/mnist" in line
-    assert "\n" not in line and set(dl.SOURCES_HELP) == set(dl.DATASETS)
-
-
-def test_module_command_line(tmp_path, server, monkeypatch, capsys):
-    www, url = server
-    write_digits_idx(www / "files")
-    _patch(monkeypatch, "mnist", www / "files", dl.IDX_NAMES)
-    assert dl.main(["mnist", str(tmp_path / "m"), "--mirror", url]) == 0
-    assert f"idx:{tmp_path / 'm'}" in capsys.readouterr().out
-    monkeypatch.setitem(dl.DATASETS, "mnist", dl.Dataset("x", (("other.gz", "0" * 32),), "idx:{dest}"))
-    assert dl.main(["mnist", str(tmp_path / "n"), "--mirror", "http://127.0.0.1:9"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: could not reach http://127.0.0.1:9/other.gz") and err.count("\n") == 1

@@ -76,31 +76,6 @@ DATASETS: dict[str, Dataset] = {
     ),
 }
 
-# One line per data set for a recipe whose data folder is missing.
-SOURCES_HELP: dict[str, str] = {
-    "mnist": (
-        "MNIST is not downloaded: run `zerotune data download mnist DEST`, or put "
-        + ", ".join(IDX_NAMES)
-        + f" from {DATASETS['mnist'].base_url} into DEST; then use idx:DEST"
-    ),
-    "fashion-mnist": (
-        "Fashion-MNIST is not downloaded: run `zerotune data download fashion-mnist DEST`, or put "
-        + ", ".join(IDX_NAMES)
-        + f" from {DATASETS['fashion-mnist'].base_url} into DEST; then use idx:DEST"
-    ),
-    "cifar10": (
-        "CIFAR-10 is not downloaded: run `zerotune data download cifar10 DEST`, or unpack "
-        f"{DATASETS['cifar10'].base_url}cifar-10-python.tar.gz into DEST (giving DEST/cifar-10-batches-py); "
-        "then use cifar:DEST"
-    ),
-}
-
-
-def missing_data_message(name: str, dest: str | Path) -> str:
-    """The :data:`SOURCES_HELP` line for ``name`` with DEST filled in."""
-    return SOURCES_HELP[name].replace("DEST", str(dest))
-
-
 def md5sum(path: Path) -> str:
     digest = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as f:
