@@ -62,6 +62,7 @@ def _is_finetune_run(run: str) -> bool:
 
 def _finetune(a: argparse.Namespace) -> int:
     from zerotune.finetune.api import finetune
+    from zerotune.train import distributed
 
     if a.resume:
         if a.config or a.set or a.source:
@@ -72,7 +73,8 @@ def _finetune(a: argparse.Namespace) -> int:
     if not a.config or not a.source:
         raise ZerotuneError("zerotune finetune: give a CONFIG file and --from SOURCE, or --resume RUN")
     run = finetune(a.config, a.source, method=a.method, out=a.out, overwrite=a.overwrite, overrides=a.set)
-    print(f"run folder: {run}")
+    if distributed.env_rank() == 0:
+        print(f"run folder: {run}")
     return 0
 
 

@@ -34,7 +34,6 @@ save only ``adapter.safetensors`` (adapters + new head) and ``model.json`` names
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +52,7 @@ from zerotune.finetune.heads import SequenceClassifier, replace_head
 from zerotune.models.bert import BERTMaskedLM
 from zerotune.models.gpt import GPT, GPTConfig
 from zerotune.models.init import init_weights
-from zerotune.run import Run, create_run, open_run, read_model_json
+from zerotune.run import Run, create_run, open_run, open_shared_run, read_model_json
 from zerotune.train import checkpoint as ckpt
 from zerotune.train.checkpoint import atomic_write_text, save_weights
 from zerotune.train.loop import pick_device, seed_everything, train_loop
@@ -298,9 +297,16 @@ def finetune(config: str | Path | dict | Config | None = None, source: str | Pat
         resume: a fine-tuning run folder to continue (its config.yaml holds the config and SOURCE).
         overrides: ``["train.max_steps=50", ...]`` or a mapping.
 
+    Started by torchrun (or inside an initialised process group), each process runs this same
+    call, as :func:`zerotune.train.train` does: see :mod:`zerotune.train.distributed`. Rank 0
+    writes the run folder and returns its path.
+
     Example:
         >>> run = finetune("configs/minilm_classify.yaml", "minilm", method="lora", out="runs/minilm-lora")
     """
+    from zerotune.train import distributed
+
+    log = distributed.main_only(log)
     run: Run | None = None
     start = None
     if resume is not None:
@@ -327,37 +333,40 @@ def finetune(config: str | Path | dict | Config | None = None, source: str | Pat
     ft = cfg.finetune
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.train.device)
-    pre = load_source_model(ft.source)
-    check_family(pre.family, cfg.task, ft.source)
-    cfg = cfg.model_copy(update={"model": pre.config})
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tok_path = None
-        if pre.tokenizer is not None and cfg.task in ("classification", "regression"):
-            tok_path = run.tokenizer if run is not None else Path(tmp) / "tokenizer.json"
-            if run is None:
-                pre.tokenizer.save(str(tok_path))
-            cfg = _text_data(cfg, tok_path)
-        task = make_finetune_task(cfg, pre, device)  # validates the data before any folder is touched
-        model, new = task_model(pre, cfg.task, task.info, ft.pooling)
-        lora = apply_method(model, pre.family, ft.method, ft, new)
+    with distributed.session(cfg.train, pick_device(cfg.train.device), log) as par:
+        device = par.device
+        check_parallel(ft.method, par)
+        seed_everything(cfg.seed)
+        pre = load_source_model(ft.source)
+        check_family(pre.family, cfg.task, ft.source)
+        cfg = cfg.model_copy(update={"model": pre.config})
+        text = pre.tokenizer is not None and cfg.task in ("classification", "regression")
+        with tempfile.TemporaryDirectory() as tmp:
+            if text:  # the data is encoded with the SOURCE's tokenizer
+                tok_path = run.tokenizer if run is not None else Path(tmp) / "tokenizer.json"
+                if run is None:
+                    pre.tokenizer.save(str(tok_path))
+                cfg = _text_data(cfg, tok_path)
+            task = make_finetune_task(cfg, pre, device)  # validates the data before any folder is touched
+        model, lora = adapted_model(pre, cfg.task, task.info, ft)
         model = model.to(device)
         if run is None:
-            run = create_run(out or _default_out(config), overwrite)
-            if tok_path is not None:
-                shutil.copyfile(tok_path, run.tokenizer)
-                cfg = _text_data(cfg, run.tokenizer.resolve())
-            elif pre.tokenizer is not None:
-                pre.tokenizer.save(str(run.tokenizer))
-            atomic_write_text(run.config, cfg.to_yaml())
+            root = Path(out or _default_out(config))
+            if text:
+                cfg = _text_data(cfg, Run(root).tokenizer.resolve())
+            par.on_main(lambda: _new_run(root, overwrite, cfg, pre.tokenizer))  # the others wait, then open it
+            run = Run(root) if par.is_main else open_shared_run(root)
 
-    trainable, total = F.trainable_count(model), sum(p.numel() for p in model.parameters())
-    log(f"finetune {ft.method} · {pre.family} from {ft.source}: {trainable:,} of {total:,} parameters train · "
-        f"{task.describe()} · device {device}")
-    state = train_loop(model, task, cfg, checkpoints=run.checkpoints, metrics_path=run.metrics, device=device,
-                       resume=start, log=log)
+        trainable, total = F.trainable_count(model), sum(p.numel() for p in model.parameters())
+        log(f"finetune {ft.method} · {pre.family} from {ft.source}: {trainable:,} of {total:,} parameters train · "
+            f"{task.describe()} · device {device}")
+        state = train_loop(model, task, cfg, checkpoints=run.checkpoints,
+                           metrics_path=run.metrics if par.is_main else None, device=device, resume=start, log=log,
+                           par=par)
+        model = par.gathered_model(
+            model, lambda: adapted_model(load_source_model(ft.source), cfg.task, task.info, ft)[0].to(device))
+        if not par.is_main:
+            return run.root
     meta = {"format": "zerotune", "version": 1, "task": cfg.task, "model": pre.config.model_dump(mode="json"),
             "data_info": task.info.to_dict(), **task.model_meta(), "seed": cfg.seed, "step": state.step,
             "best_step": state.best_step, "base": ft.source, "method": ft.method,
@@ -380,6 +389,34 @@ def finetune(config: str | Path | dict | Config | None = None, source: str | Pat
         save_chat_template(task.template, run.root)
     _report(run, cfg, task, model, log)
     return run.root
+
+
+def adapted_model(pre: Pretrained, task: str, info: DataInfo, ft: FinetuneConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """The model to fine-tune: SOURCE with the task's head, trainable parameters chosen per ``ft.method``.
+
+    Returns:
+        The model and what model.json records about the method (see :func:`apply_method`).
+    """
+    model, new = task_model(pre, task, info, ft.pooling)
+    return model, apply_method(model, pre.family, ft.method, ft, new)
+
+
+def check_parallel(method: str, par) -> None:
+    """Refuse what does not run on several processes: QLoRA under FSDP (one line, exit 2).
+
+    Full, freeze and LoRA runs train under DDP or FSDP2 (both leave frozen parameters out of the
+    gradient reduction); QLoRA trains under DDP.
+    """
+    if method == "qlora" and par.strategy == "fsdp":
+        raise ZerotuneError("train.strategy: fsdp cannot shard the quantized weights of a qlora run; "
+                            "use train.strategy ddp (or auto), or method lora")
+
+
+def _new_run(root: Path, overwrite: bool, cfg: Config, tokenizer) -> None:
+    run = create_run(root, overwrite)
+    if tokenizer is not None:
+        tokenizer.save(str(run.tokenizer))
+    atomic_write_text(run.config, cfg.to_yaml())
 
 
 def _report(run: Run, cfg: Config, task, model: nn.Module, log) -> None:
