@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+import yaml
 
 import zerotune
 from tests.train.test_distributed import cut, free_port
+from zerotune import cli
 from zerotune.data.shards import prepare
 from zerotune.data.tokenizer import train_tokenizer
 from zerotune.errors import ZerotuneError
@@ -142,3 +146,33 @@ def test_qlora_under_fsdp_is_one_line(two):
         assert result == {"message": "train.strategy: fsdp cannot shard the quantized weights of a qlora run; "
                                      "use train.strategy ddp (or auto), or method lora", "exit_code": 2}
     assert not (two / "two_qlora").exists()
+
+
+# ---------------------------------------------------------------- torchrun through the command line
+
+
+def test_cli_nproc_lora_matches_one_process(single, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(ft_config(single / "shards", **LORA)))
+    out = tmp_path / "lora"
+    repo = str(Path(__file__).parents[2])  # the processes import this zerotune, not an installed one
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    p = subprocess.run([sys.executable, "-m", "zerotune", "finetune", str(cfg), "--from", str(single / "src"),
+                        "--method", "lora", "--nproc", "2", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("run folder:") == 1  # only rank 0 speaks
+    assert "2 processes · ddp · gloo · global batch 7 = 2 × 4 per process · micro-batch 2" in p.stdout
+    assert_same(single / "lora", out, ADAPTER)
+
+
+def test_finetune_help_shows_nproc(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "--help"])
+    assert "--nproc N" in capsys.readouterr().out
+
+
+def test_finetune_nproc_is_checked(capsys):
+    assert cli.main(["finetune", "c.yaml", "--from", "minilm", "--nproc", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --nproc: expected a positive number of processes, got 0"
