@@ -16,6 +16,8 @@ The model trained is the source with the head the config's task asks for:
 (A GPT body is the decoder whose output layer is the identity, so it returns the final-norm hidden
 states (B, T, d).) Text data is tokenised with the SOURCE's own tokenizer, cut and padded to
 ``data.max_length``; it is saved as ``RUN/tokenizer.json`` and ``data.tokenizer`` points there.
+Token shards are read as training reads them (``zerotune.train.api.shard_task``: ``data.sampling``,
+``data.eval_batches``), in windows of ``min(data.max_length, the SOURCE's block size)``.
 
 Methods (``--method``, else ``finetune.method``, else ``full``):
 
@@ -257,14 +259,9 @@ def make_finetune_task(cfg: Config, pre: Pretrained, device: torch.device):
 
         return make_task(cfg, device)
     if cfg.task == "causal_lm":
-        from zerotune.train.tasks import LanguageModelTask
+        from zerotune.train.api import shard_task
 
-        kind, _, arg = cfg.data.train.partition(":")
-        if kind != "shards":
-            raise ZerotuneError(f"data.train: task causal_lm reads token shards (shards:DIR), got {cfg.data.train!r}")
-        block = min(cfg.data.max_length, pre.config.block_size)
-        task = LanguageModelTask(arg, batch_size=cfg.train.batch_size, block_size=block, seed=cfg.seed,
-                                 sampling="random", eval_batches=8, model_cfg=pre.config, device=device)
+        task = shard_task(cfg, device)  # windows of min(data.max_length, the SOURCE's block size)
         if task.info.vocab_size > pre.config.vocab_size:
             raise ZerotuneError(f"data.train: the shards' vocabulary ({task.info.vocab_size}) is larger than the "
                                 f"model's ({pre.config.vocab_size}); prepare them with the SOURCE's tokenizer")

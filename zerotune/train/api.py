@@ -35,9 +35,10 @@ def shard_task(cfg: Config, device: torch.device | str, *, folder: str | None = 
                eval_batches: int | None = None):
     """The causal_lm or masked_lm task over token shards: ``folder``, else data.train's ``shards:DIR``.
 
-    Windows are ``model.block_size`` tokens for a decoder and ``min(data.max_length,
-    model.max_position)`` for a masked-LM encoder; ``sampling``/``eval_batches`` default to the
-    config's ``data`` section.
+    Windows are ``model.block_size`` tokens for a decoder trained from scratch, ``min(data.max_length,
+    model.block_size)`` for a fine-tuned one (a config with a ``finetune`` section: the block size is
+    the SOURCE's, often longer than the data needs) and ``min(data.max_length, model.max_position)``
+    for a masked-LM encoder; ``sampling``/``eval_batches`` default to the config's ``data`` section.
     """
     from zerotune.train.tasks import LanguageModelTask, MaskedLanguageModelTask
 
@@ -54,6 +55,8 @@ def shard_task(cfg: Config, device: torch.device | str, *, folder: str | None = 
         block = getattr(cfg.model, "block_size", None)
         if block is None:
             raise ZerotuneError(f"model.arch: task causal_lm needs a decoder (gpt), got {cfg.model.arch!r}")
+        if cfg.finetune is not None:
+            block = min(cfg.data.max_length, block)
         make = LanguageModelTask
     return make(folder, batch_size=cfg.train.batch_size, block_size=block, seed=cfg.seed,
                 sampling=sampling or cfg.data.sampling, eval_batches=eval_batches or cfg.data.eval_batches,
