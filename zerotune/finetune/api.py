@@ -332,7 +332,7 @@ def finetune(config: str | Path | dict | Config | None = None, source: str | Pat
         torch.set_num_threads(cfg.train.num_threads)
     with distributed.session(cfg.train, pick_device(cfg.train.device), log) as par:
         device = par.device
-        check_parallel(ft.method, par)
+        check_strategy(ft.method, par.strategy)
         seed_everything(cfg.seed)
         pre = load_source_model(ft.source)
         check_family(pre.family, cfg.task, ft.source)
@@ -360,8 +360,11 @@ def finetune(config: str | Path | dict | Config | None = None, source: str | Pat
         state = train_loop(model, task, cfg, checkpoints=run.checkpoints,
                            metrics_path=run.metrics if par.is_main else None, device=device, resume=start, log=log,
                            par=par)
-        model = par.gathered_model(
-            model, lambda: adapted_model(load_source_model(ft.source), cfg.task, task.info, ft)[0].to(device))
+
+        def plain_model() -> nn.Module:  # under FSDP, rank 0 gathers the weights into a fresh copy
+            return adapted_model(load_source_model(ft.source), cfg.task, task.info, ft)[0].to(device)
+
+        model = par.gathered_model(model, plain_model)
         if not par.is_main:
             return run.root
     meta = {"format": "zerotune", "version": 1, "task": cfg.task, "model": pre.config.model_dump(mode="json"),
@@ -398,13 +401,16 @@ def adapted_model(pre: Pretrained, task: str, info: DataInfo, ft: FinetuneConfig
     return model, apply_method(model, pre.family, ft.method, ft, new)
 
 
-def check_parallel(method: str, par) -> None:
-    """Refuse what does not run on several processes: QLoRA under FSDP (one line, exit 2).
+def check_strategy(method: str, strategy: str) -> None:
+    """Can ``method`` train under the distributed ``strategy`` in use (none, ddp or fsdp)?
 
     Full, freeze and LoRA runs train under DDP or FSDP2 (both leave frozen parameters out of the
-    gradient reduction); QLoRA trains under DDP.
+    gradient reduction); QLoRA trains under DDP only.
+
+    Raises:
+        ZerotuneError: QLoRA under FSDP.
     """
-    if method == "qlora" and par.strategy == "fsdp":
+    if method == "qlora" and strategy == "fsdp":
         raise ZerotuneError("train.strategy: fsdp cannot shard the quantized weights of a qlora run; "
                             "use train.strategy ddp (or auto), or method lora")
 
@@ -456,12 +462,10 @@ def rebuild_model(run: Run, meta: dict[str, Any], info: DataInfo) -> nn.Module:
     if meta.get("method") in LORA_METHODS:
         if "base" not in meta or "lora" not in meta:
             raise ZerotuneError("a LoRA run's model.json needs 'base' and 'lora'", path=run.model_json)
-        pre = load_source_model(meta["base"])
-        model, new = task_model(pre, meta["task"], info, pooling)
         s = meta["lora"]
-        ft = FinetuneConfig(method=meta["method"], qlora_bits=meta.get("qlora_bits", 4),
+        ft = FinetuneConfig(method=meta["method"], qlora_bits=meta.get("qlora_bits", 4), pooling=pooling,
                             lora=LoRAConfig(r=s["r"], alpha=s["alpha"], dropout=s["dropout"], targets=s["targets"]))
-        apply_method(model, pre.family, meta["method"], ft, new)
+        model, _ = adapted_model(load_source_model(meta["base"]), meta["task"], info, ft)
         path = run.root / ADAPTER
         L.load_lora_state_dict(model, load_weights(path), path)
         return model
@@ -471,4 +475,5 @@ def rebuild_model(run: Run, meta: dict[str, Any], info: DataInfo) -> nn.Module:
     return model
 
 
-__all__ = ["finetune", "load_source_model", "task_model", "apply_method", "rebuild_model", "is_finetuned"]
+__all__ = ["finetune", "load_source_model", "task_model", "apply_method", "adapted_model", "check_strategy",
+           "rebuild_model", "is_finetuned"]
