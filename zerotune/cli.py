@@ -26,11 +26,8 @@ def _train(a: argparse.Namespace) -> int:
     from zerotune.train import distributed
     from zerotune.train.api import train
 
-    if a.nproc is not None and a.nproc != 1:  # the same command as N processes, through torchrun
-        argv = [*(["--debug"] if a.debug else []), "train", *([a.config] if a.config else []),
-                *[x for kv in a.set or [] for x in ("--set", kv)], *(["--out", a.out] if a.out else []),
-                *(["--overwrite"] if a.overwrite else []), *(["--resume", a.resume] if a.resume else [])]
-        return distributed.launch(a.nproc, argv)
+    if a.nproc is not None and a.nproc != 1:
+        return _launch(a, "train")
     if a.resume:
         if a.config or a.set:
             raise ZerotuneError("--resume continues a run with its own config.yaml; do not pass CONFIG or --set")
@@ -49,6 +46,19 @@ def _train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _launch(a: argparse.Namespace, verb: str) -> int:
+    """The same command as ``a.nproc`` processes, through torchrun (see docs/distributed.md)."""
+    from zerotune.train import distributed
+
+    argv = [*(["--debug"] if a.debug else []), verb, *([a.config] if a.config else [])]
+    for flag, value in (("--from", getattr(a, "source", None)), ("--method", getattr(a, "method", None)),
+                        ("--out", a.out), ("--resume", a.resume)):
+        if value:
+            argv += [flag, value]
+    argv += [x for kv in a.set or [] for x in ("--set", kv)]
+    return distributed.launch(a.nproc, argv + (["--overwrite"] if a.overwrite else []))
+
+
 def _is_finetune_run(run: str) -> bool:
     """A run made by `zerotune finetune` names its source in config.yaml (finetune.source)."""
     from zerotune.config import read_yaml
@@ -62,7 +72,10 @@ def _is_finetune_run(run: str) -> bool:
 
 def _finetune(a: argparse.Namespace) -> int:
     from zerotune.finetune.api import finetune
+    from zerotune.train import distributed
 
+    if a.nproc is not None and a.nproc != 1:
+        return _launch(a, "finetune")
     if a.resume:
         if a.config or a.set or a.source:
             raise ZerotuneError("--resume continues a run with its own config.yaml; "
@@ -72,7 +85,8 @@ def _finetune(a: argparse.Namespace) -> int:
     if not a.config or not a.source:
         raise ZerotuneError("zerotune finetune: give a CONFIG file and --from SOURCE, or --resume RUN")
     run = finetune(a.config, a.source, method=a.method, out=a.out, overwrite=a.overwrite, overrides=a.set)
-    print(f"run folder: {run}")
+    if distributed.env_rank() == 0:
+        print(f"run folder: {run}")
     return 0
 
 
@@ -203,6 +217,8 @@ def build_parser() -> Parser:
     s.add_argument("--out", help="run folder (default runs/<config name>)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     s.add_argument("--resume", metavar="RUN", help="continue a fine-tuning run from its latest good checkpoint")
+    s.add_argument("--nproc", type=int, metavar="N", help="fine-tune with N processes on this machine (starts "
+                   "torchrun; one per GPU, or CPU processes); see docs/distributed.md")
     s.set_defaults(fn=_finetune)
 
     s = sub.add_parser("export", help="write a run's model as a Hugging Face folder or zerotune safetensors",

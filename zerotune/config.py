@@ -55,7 +55,7 @@ class DataConfig(Strict):
     text_column: str = "text"
     label_column: str | None = "label"  # null: the file holds inputs only
     normalize: bool = True
-    max_length: int = Field(128, ge=1)  # tokens per example for text classification
+    max_length: int = Field(128, ge=1)  # tokens per text example; caps masked-LM and fine-tuned causal-LM windows
     vocab_size: int = Field(8000, ge=16)  # word vocabulary built for text data without a tokenizer
     tokenizer: str | None = None  # a tokenizer.json (or its folder) for text data
     sampling: Literal["random", "sequential"] = "random"  # language models: how windows are drawn from shards

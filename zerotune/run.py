@@ -92,6 +92,16 @@ def open_run(path: str | Path) -> Run:
     return run
 
 
+def open_shared_run(root: Path) -> Run:
+    """The run folder rank 0 made, seen from another process (it must be on a shared filesystem)."""
+    from zerotune.train.distributed import DistributedError, env_rank
+
+    if not (root / "config.yaml").is_file():
+        raise DistributedError(f"rank {env_rank()}: the run folder made by rank 0 is not visible here; every "
+                               "process needs it on a shared filesystem", path=root)
+    return Run(root)
+
+
 def save_model(run: Run, model: nn.Module, meta: dict[str, Any]) -> None:
     """Final weights + model.json (written last, so model.json means the weights are complete)."""
     save_weights(run.weights, model.state_dict(), metadata={"format": "pt"})

@@ -180,6 +180,45 @@ def test_gpt_run_lora_on_shards_then_generate(gpt_lora_run):
     assert len(out[0]) == 5 and all(0 <= t < 300 for t in out[0])
 
 
+@pytest.fixture(scope="module")
+def gpt_run_source(gpt_source, tmp_path_factory) -> Path:
+    """A tiny zerotune GPT run over the same shards: no dropout, block size 32."""
+    _, shards = gpt_source
+    cfg = {"seed": 0, "task": "causal_lm", "data": {"train": f"shards:{shards}"},
+           "model": {"arch": "gpt", "block_size": 32, "n_layer": 1, "n_head": 2, "d_model": 16},
+           "train": {"epochs": None, "max_steps": 1, "batch_size": 4, "progress": False}}
+    return zerotune.train(cfg, out=tmp_path_factory.mktemp("gptrun") / "src", log=lambda *_: None)
+
+
+def test_causal_lm_finetune_follows_the_data_section(gpt_source, gpt_run_source, tmp_path):
+    """Windows of min(data.max_length, block size), drawn per data.sampling; data.eval_batches to evaluate."""
+    from zerotune.data.shards import ShardDataset
+
+    _, shards = gpt_source
+    cfg = lm_config(shards)  # data.max_length 16 < block size 32; batch 4; 3 steps
+    cfg["data"] |= {"sampling": "sequential", "eval_batches": 2}
+    run = finetune(cfg, gpt_run_source, out=tmp_path / "run", log=lambda *_: None)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    @torch.no_grad()
+    def summed_loss(model, x, y) -> float:
+        return float(torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum"))
+
+    x, y = ShardDataset(shards, "train").batch(0, 4, 16, mode="sequential")  # the first 4 windows, in order
+    assert rows[0]["step"] == 1  # the loss logged after step 1 is that of step 0's batch, before the update
+    assert rows[0]["loss"] == pytest.approx(summed_loss(load_run(gpt_run_source).model, x, y) / y.numel(), rel=1e-5)
+
+    val = ShardDataset(shards, "val")
+    assert val.n_tokens > 3 * 4 * 16  # more than 2 batches of windows: the limit matters
+    model = load_run(run).model
+    batches = list(val.eval_batches(4, 16, 2))
+    expected = sum(summed_loss(model, x, y) for x, y in batches) / (2 * 4 * 16)
+    assert len(batches) == 2 and rows[-1]["val_loss"] == pytest.approx(expected, rel=1e-5)
+    every = list(val.eval_batches(4, 16))  # `zerotune evaluate` reads all of the val split, in the same windows
+    expected = sum(summed_loss(model, x, y) for x, y in every) / sum(y.numel() for _, y in every)
+    assert zerotune.evaluate(run)["loss"] == pytest.approx(expected, rel=1e-5)
+
+
 # ---------------------------------------------------------------- classic nets: digits transfer
 
 

@@ -16,6 +16,8 @@ The model trained is the source with the head the config's task asks for:
 (A GPT body is the decoder whose output layer is the identity, so it returns the final-norm hidden
 states (B, T, d).) Text data is tokenised with the SOURCE's own tokenizer, cut and padded to
 ``data.max_length``; it is saved as ``RUN/tokenizer.json`` and ``data.tokenizer`` points there.
+Token shards are read as training reads them (``zerotune.train.api.shard_task``: ``data.sampling``,
+``data.eval_batches``), in windows of ``min(data.max_length, the SOURCE's block size)``.
 
 Methods (``--method``, else ``finetune.method``, else ``full``):
 
@@ -34,7 +36,6 @@ save only ``adapter.safetensors`` (adapters + new head) and ``model.json`` names
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,7 @@ from zerotune.finetune.heads import SequenceClassifier, replace_head
 from zerotune.models.bert import BERTMaskedLM
 from zerotune.models.gpt import GPT, GPTConfig
 from zerotune.models.init import init_weights
-from zerotune.run import Run, create_run, open_run, read_model_json
+from zerotune.run import Run, create_run, open_run, open_shared_run, read_model_json
 from zerotune.train import checkpoint as ckpt
 from zerotune.train.checkpoint import atomic_write_text, save_weights
 from zerotune.train.loop import pick_device, seed_everything, train_loop
@@ -258,14 +259,9 @@ def make_finetune_task(cfg: Config, pre: Pretrained, device: torch.device):
 
         return make_task(cfg, device)
     if cfg.task == "causal_lm":
-        from zerotune.train.tasks import LanguageModelTask
+        from zerotune.train.api import shard_task
 
-        kind, _, arg = cfg.data.train.partition(":")
-        if kind != "shards":
-            raise ZerotuneError(f"data.train: task causal_lm reads token shards (shards:DIR), got {cfg.data.train!r}")
-        block = min(cfg.data.max_length, pre.config.block_size)
-        task = LanguageModelTask(arg, batch_size=cfg.train.batch_size, block_size=block, seed=cfg.seed,
-                                 sampling="random", eval_batches=8, model_cfg=pre.config, device=device)
+        task = shard_task(cfg, device)  # windows of min(data.max_length, the SOURCE's block size)
         if task.info.vocab_size > pre.config.vocab_size:
             raise ZerotuneError(f"data.train: the shards' vocabulary ({task.info.vocab_size}) is larger than the "
                                 f"model's ({pre.config.vocab_size}); prepare them with the SOURCE's tokenizer")
@@ -298,9 +294,16 @@ def finetune(config: str | Path | dict | Config | None = None, source: str | Pat
         resume: a fine-tuning run folder to continue (its config.yaml holds the config and SOURCE).
         overrides: ``["train.max_steps=50", ...]`` or a mapping.
 
+    Started by torchrun (or inside an initialised process group), each process runs this same
+    call, as :func:`zerotune.train.train` does: see :mod:`zerotune.train.distributed`. Rank 0
+    writes the run folder and returns its path.
+
     Example:
         >>> run = finetune("configs/minilm_classify.yaml", "minilm", method="lora", out="runs/minilm-lora")
     """
+    from zerotune.train import distributed
+
+    log = distributed.main_only(log)
     run: Run | None = None
     start = None
     if resume is not None:
@@ -327,37 +330,43 @@ def finetune(config: str | Path | dict | Config | None = None, source: str | Pat
     ft = cfg.finetune
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.train.device)
-    pre = load_source_model(ft.source)
-    check_family(pre.family, cfg.task, ft.source)
-    cfg = cfg.model_copy(update={"model": pre.config})
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tok_path = None
-        if pre.tokenizer is not None and cfg.task in ("classification", "regression"):
-            tok_path = run.tokenizer if run is not None else Path(tmp) / "tokenizer.json"
-            if run is None:
-                pre.tokenizer.save(str(tok_path))
-            cfg = _text_data(cfg, tok_path)
-        task = make_finetune_task(cfg, pre, device)  # validates the data before any folder is touched
-        model, new = task_model(pre, cfg.task, task.info, ft.pooling)
-        lora = apply_method(model, pre.family, ft.method, ft, new)
+    with distributed.session(cfg.train, pick_device(cfg.train.device), log) as par:
+        device = par.device
+        check_strategy(ft.method, par.strategy)
+        seed_everything(cfg.seed)
+        pre = load_source_model(ft.source)
+        check_family(pre.family, cfg.task, ft.source)
+        cfg = cfg.model_copy(update={"model": pre.config})
+        text = pre.tokenizer is not None and cfg.task in ("classification", "regression")
+        with tempfile.TemporaryDirectory() as tmp:
+            if text:  # the data is encoded with the SOURCE's tokenizer
+                tok_path = run.tokenizer if run is not None else Path(tmp) / "tokenizer.json"
+                if run is None:
+                    pre.tokenizer.save(str(tok_path))
+                cfg = _text_data(cfg, tok_path)
+            task = make_finetune_task(cfg, pre, device)  # validates the data before any folder is touched
+        model, lora = adapted_model(pre, cfg.task, task.info, ft)
         model = model.to(device)
         if run is None:
-            run = create_run(out or _default_out(config), overwrite)
-            if tok_path is not None:
-                shutil.copyfile(tok_path, run.tokenizer)
-                cfg = _text_data(cfg, run.tokenizer.resolve())
-            elif pre.tokenizer is not None:
-                pre.tokenizer.save(str(run.tokenizer))
-            atomic_write_text(run.config, cfg.to_yaml())
+            root = Path(out or _default_out(config))
+            if text:
+                cfg = _text_data(cfg, Run(root).tokenizer.resolve())
+            par.on_main(lambda: _new_run(root, overwrite, cfg, pre.tokenizer))  # the others wait, then open it
+            run = Run(root) if par.is_main else open_shared_run(root)
 
-    trainable, total = F.trainable_count(model), sum(p.numel() for p in model.parameters())
-    log(f"finetune {ft.method} · {pre.family} from {ft.source}: {trainable:,} of {total:,} parameters train · "
-        f"{task.describe()} · device {device}")
-    state = train_loop(model, task, cfg, checkpoints=run.checkpoints, metrics_path=run.metrics, device=device,
-                       resume=start, log=log)
+        trainable, total = F.trainable_count(model), sum(p.numel() for p in model.parameters())
+        log(f"finetune {ft.method} · {pre.family} from {ft.source}: {trainable:,} of {total:,} parameters train · "
+            f"{task.describe()} · device {device}")
+        state = train_loop(model, task, cfg, checkpoints=run.checkpoints,
+                           metrics_path=run.metrics if par.is_main else None, device=device, resume=start, log=log,
+                           par=par)
+
+        def plain_model() -> nn.Module:  # under FSDP, rank 0 gathers the weights into a fresh copy
+            return adapted_model(load_source_model(ft.source), cfg.task, task.info, ft)[0].to(device)
+
+        model = par.gathered_model(model, plain_model)
+        if not par.is_main:
+            return run.root
     meta = {"format": "zerotune", "version": 1, "task": cfg.task, "model": pre.config.model_dump(mode="json"),
             "data_info": task.info.to_dict(), **task.model_meta(), "seed": cfg.seed, "step": state.step,
             "best_step": state.best_step, "base": ft.source, "method": ft.method,
@@ -380,6 +389,37 @@ def finetune(config: str | Path | dict | Config | None = None, source: str | Pat
         save_chat_template(task.template, run.root)
     _report(run, cfg, task, model, log)
     return run.root
+
+
+def adapted_model(pre: Pretrained, task: str, info: DataInfo, ft: FinetuneConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """The model to fine-tune: SOURCE with the task's head, trainable parameters chosen per ``ft.method``.
+
+    Returns:
+        The model and what model.json records about the method (see :func:`apply_method`).
+    """
+    model, new = task_model(pre, task, info, ft.pooling)
+    return model, apply_method(model, pre.family, ft.method, ft, new)
+
+
+def check_strategy(method: str, strategy: str) -> None:
+    """Can ``method`` train under the distributed ``strategy`` in use (none, ddp or fsdp)?
+
+    Full, freeze and LoRA runs train under DDP or FSDP2 (both leave frozen parameters out of the
+    gradient reduction); QLoRA trains under DDP only.
+
+    Raises:
+        ZerotuneError: QLoRA under FSDP.
+    """
+    if method == "qlora" and strategy == "fsdp":
+        raise ZerotuneError("train.strategy: fsdp cannot shard the quantized weights of a qlora run; "
+                            "use train.strategy ddp (or auto), or method lora")
+
+
+def _new_run(root: Path, overwrite: bool, cfg: Config, tokenizer) -> None:
+    run = create_run(root, overwrite)
+    if tokenizer is not None:
+        tokenizer.save(str(run.tokenizer))
+    atomic_write_text(run.config, cfg.to_yaml())
 
 
 def _report(run: Run, cfg: Config, task, model: nn.Module, log) -> None:
@@ -422,12 +462,10 @@ def rebuild_model(run: Run, meta: dict[str, Any], info: DataInfo) -> nn.Module:
     if meta.get("method") in LORA_METHODS:
         if "base" not in meta or "lora" not in meta:
             raise ZerotuneError("a LoRA run's model.json needs 'base' and 'lora'", path=run.model_json)
-        pre = load_source_model(meta["base"])
-        model, new = task_model(pre, meta["task"], info, pooling)
         s = meta["lora"]
-        ft = FinetuneConfig(method=meta["method"], qlora_bits=meta.get("qlora_bits", 4),
+        ft = FinetuneConfig(method=meta["method"], qlora_bits=meta.get("qlora_bits", 4), pooling=pooling,
                             lora=LoRAConfig(r=s["r"], alpha=s["alpha"], dropout=s["dropout"], targets=s["targets"]))
-        apply_method(model, pre.family, meta["method"], ft, new)
+        model, _ = adapted_model(load_source_model(meta["base"]), meta["task"], info, ft)
         path = run.root / ADAPTER
         L.load_lora_state_dict(model, load_weights(path), path)
         return model
@@ -437,4 +475,5 @@ def rebuild_model(run: Run, meta: dict[str, Any], info: DataInfo) -> nn.Module:
     return model
 
 
-__all__ = ["finetune", "load_source_model", "task_model", "apply_method", "rebuild_model", "is_finetuned"]
+__all__ = ["finetune", "load_source_model", "task_model", "apply_method", "adapted_model", "check_strategy",
+           "rebuild_model", "is_finetuned"]

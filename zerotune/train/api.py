@@ -10,7 +10,7 @@ import torch
 from zerotune.config import Config, load_config
 from zerotune.data.base import DataInfo
 from zerotune.errors import ZerotuneError
-from zerotune.run import Run, create_run, open_run, read_model_json, save_model
+from zerotune.run import Run, create_run, open_run, open_shared_run, read_model_json, save_model
 from zerotune.train import checkpoint as ckpt
 from zerotune.train.checkpoint import atomic_write_text
 from zerotune.train.loop import pick_device, seed_everything, train_loop
@@ -35,9 +35,10 @@ def shard_task(cfg: Config, device: torch.device | str, *, folder: str | None = 
                eval_batches: int | None = None):
     """The causal_lm or masked_lm task over token shards: ``folder``, else data.train's ``shards:DIR``.
 
-    Windows are ``model.block_size`` tokens for a decoder and ``min(data.max_length,
-    model.max_position)`` for a masked-LM encoder; ``sampling``/``eval_batches`` default to the
-    config's ``data`` section.
+    Windows are ``model.block_size`` tokens for a decoder trained from scratch, ``min(data.max_length,
+    model.block_size)`` for a fine-tuned one (a config with a ``finetune`` section: the block size is
+    the SOURCE's, often longer than the data needs) and ``min(data.max_length, model.max_position)``
+    for a masked-LM encoder; ``sampling``/``eval_batches`` default to the config's ``data`` section.
     """
     from zerotune.train.tasks import LanguageModelTask, MaskedLanguageModelTask
 
@@ -54,6 +55,8 @@ def shard_task(cfg: Config, device: torch.device | str, *, folder: str | None = 
         block = getattr(cfg.model, "block_size", None)
         if block is None:
             raise ZerotuneError(f"model.arch: task causal_lm needs a decoder (gpt), got {cfg.model.arch!r}")
+        if cfg.finetune is not None:
+            block = min(cfg.data.max_length, block)
         make = LanguageModelTask
     return make(folder, batch_size=cfg.train.batch_size, block_size=block, seed=cfg.seed,
                 sampling=sampling or cfg.data.sampling, eval_batches=eval_batches or cfg.data.eval_batches,
@@ -124,7 +127,7 @@ def train(config: str | Path | dict | Config | None = None, *, out: str | Path |
         if run is None:
             root = Path(out or default_out(config))
             par.on_main(lambda: _new_run(root, overwrite, cfg))  # the others wait, then open it
-            run = Run(root) if par.is_main else _shared_run(root)
+            run = Run(root) if par.is_main else open_shared_run(root)
         if par.is_main and task.tokenizer is not None and hasattr(task.tokenizer, "save"):
             task.tokenizer.save(str(run.tokenizer))
         n_params = sum(p.numel() for p in model.parameters())
@@ -146,16 +149,6 @@ def train(config: str | Path | dict | Config | None = None, *, out: str | Path |
 def _new_run(root: Path, overwrite: bool, cfg: Config) -> None:
     run = create_run(root, overwrite)
     atomic_write_text(run.config, cfg.to_yaml())
-
-
-def _shared_run(root: Path) -> Run:
-    """The run folder rank 0 made, seen from another process (it must be on a shared filesystem)."""
-    from zerotune.train.distributed import DistributedError, env_rank
-
-    if not (root / "config.yaml").is_file():
-        raise DistributedError(f"rank {env_rank()}: the run folder made by rank 0 is not visible here; every "
-                               "process needs it on a shared filesystem", path=root)
-    return Run(root)
 
 
 def _finish(run: Run, cfg: Config, task, model, log) -> None:

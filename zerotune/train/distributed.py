@@ -2,6 +2,7 @@
 
     zerotune train CONFIG --nproc 4                        starts torchrun on this machine
     torchrun --nproc-per-node 4 -m zerotune train CONFIG   the same by hand (and across machines)
+    zerotune finetune CONFIG --from SOURCE --nproc 4       fine-tuning, the same way
 
 Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set) each process joins
 the process group itself: NCCL on CUDA (process r drives cuda:LOCAL_RANK), gloo on CPU.
