@@ -26,13 +26,15 @@ from torch import nn
 
 from tests.conftest import tiny_config
 from zerotune import cli
-from zerotune.config import load_config
+from zerotune.config import Config, load_config
+from zerotune.data.shards import ShardDataset, prepare
+from zerotune.data.tokenizer import train_tokenizer
 from zerotune.errors import ZerotuneError
 from zerotune.train import checkpoint as ckpt
 from zerotune.train import distributed as D
 from zerotune.train.api import make_task, train
-from zerotune.train.loop import train_loop
-from zerotune.train.tasks import SupervisedTask
+from zerotune.train.loop import seed_everything, train_loop
+from zerotune.train.tasks import LanguageModelTask, SupervisedTask, share
 
 CFG = tiny_config(epochs=1, batch_size=51, grad_clip=0.5, checkpoint_every=10, keep_last=10)  # 26 steps
 DIST = {**CFG, "train": {**CFG["train"], "grad_accum": 3}}
@@ -59,6 +61,39 @@ def cut(run: Path, dest: Path, step: int) -> Path:
             shutil.rmtree(folder)
     (dest / "model.json").unlink()
     return dest
+
+
+def lm_configs(shards: Path) -> dict[str, dict]:
+    """causal_lm under FSDP and masked_lm under DDP: uneven shares, 3 evaluation batches."""
+    train = {"epochs": None, "max_steps": 8, "grad_accum": 2, "log_every": 4, "eval_every": 4, "progress": False,
+             "metrics": []}
+    data = {"train": f"shards:{shards}", "eval_batches": 3, "max_length": 16}
+    return {
+        "causal_lm": {"seed": 0, "task": "causal_lm", "data": data,
+                      "model": {"arch": "gpt", "block_size": 16, "n_layer": 1, "n_head": 2, "d_model": 16,
+                                "bias": False, "dropout": 0.0},  # no key bias: its gradient is 0 (docs)
+                      "optim": {"name": "adamw", "lr": 0.01},
+                      "train": {**train, "batch_size": 7, "strategy": "fsdp"}},
+        "masked_lm": {"seed": 0, "task": "masked_lm", "data": data,
+                      "model": {"arch": "bert", "hidden": 16, "layers": 1, "heads": 2, "intermediate": 32,
+                                "max_position": 16, "dropout": 0.0},
+                      "optim": {"name": "adamw", "lr": 0.01},
+                      "train": {**train, "batch_size": 9, "strategy": "ddp"}},
+    }
+
+
+def fresh(cfg: dict) -> tuple[nn.Module, LanguageModelTask | SupervisedTask, Config]:
+    """The model (seeded as ``train`` seeds it), task and resolved config of ``cfg``."""
+    from zerotune.models import build_model
+    from zerotune.train.api import resolve_vocab
+
+    config = load_config(cfg)
+    task = make_task(config, torch.device("cpu"))
+    config = resolve_vocab(config, task.info)
+    if hasattr(task, "model_cfg"):
+        task.model_cfg = config.model  # with the vocabulary resolved, for the FLOPs count
+    seed_everything(config.seed)
+    return build_model(config.model, task.info), task, config
 
 
 def free_port() -> int:
@@ -122,10 +157,10 @@ def _worker(rank: int, root: Path, port: int) -> None:
 
     real_batch = SupervisedTask.batch
 
-    def die_at_3(self, step):
+    def die_at_3(self, step, *part):
         if step == 3 and rank == 1:
             os._exit(1)  # as if killed (out of memory, lost node)
-        return real_batch(self, step)
+        return real_batch(self, step, *part)
 
     SupervisedTask.batch = die_at_3
     try:
@@ -133,6 +168,19 @@ def _worker(rank: int, root: Path, port: int) -> None:
     except ZerotuneError as e:
         result["fail"] = {"type": type(e).__name__, "message": str(e), "exit_code": e.exit_code}
     (root / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+@pytest.fixture(scope="module")
+def lm_root(tmp_path_factory) -> Path:
+    """A folder with a character tokenizer (tok/) and token shards (shards/)."""
+    root = tmp_path_factory.mktemp("dist_lm")
+    docs = root / "docs"
+    docs.mkdir()
+    for i in range(40):
+        (docs / f"{i:02d}.txt").write_text("the cat sat on the mat and the dog sat on the log. " * 3 + f"doc {i}\n")
+    train_tokenizer(f"text:{docs}", 64, root / "tok", kind="char", progress=False)
+    prepare(f"text:{docs}", root / "tok", root / "shards", val_fraction=0.2, progress=False)
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -279,11 +327,45 @@ def test_other_ranks_leave_shared_input_errors_to_rank_0(tmp_path, monkeypatch, 
 # ---------------------------------------------------------------- pieces, one process
 
 
+def test_a_share_of_a_batch_is_those_rows_of_the_whole_batch(lm_root, monkeypatch):
+    """task.batch(step, rank, W) for each rank, stacked, is task.batch(step): the same windows,
+    masks and augmentation; and a rank reads only its own windows from the shards."""
+    from zerotune.data.tokenizer import load_tokenizer
+    from zerotune.finetune.sft import ChatTemplate, SFTData, SFTTask
+
+    cfg = load_config({**tiny_config(batch_size=7), "data": {"train": "builtin:digits", "augment": {
+        "enabled": True, "hflip": True, "crop_padding": 1, "rotate": 10, "translate": 0.1, "scale": 0.1,
+        "noise": 0.1}}})
+    tasks = [make_task(cfg, torch.device("cpu"))]
+    for name in ("causal_lm", "masked_lm"):
+        tasks.append(fresh(lm_configs(lm_root / "shards")[name])[1])
+    x = torch.randint(1, 50, (9, 12))
+    lengths = torch.tensor([12, 3, 5, 8, 2, 7, 6, 4, 9])
+    y = torch.where(torch.arange(12) < lengths[:, None], x, -100)
+    tasks.append(SFTTask(SFTData(x, y, lengths, 9, 0), None, tokenizer=load_tokenizer(lm_root / "tok"),
+                         template=ChatTemplate(), max_length=12, packing=False, batch_size=7, seed=0))
+    reads: list[int] = []
+    real = ShardDataset._windows
+    monkeypatch.setattr(ShardDataset, "_windows", lambda self, starts, t: reads.append(len(starts)) or real(
+        self, starts, t))
+    for task in tasks:
+        for step in (0, 1):
+            whole = task.batch(step)
+            for world in (2, 3):
+                parts = [task.batch(step, r, world) for r in range(world)]
+                for i in (0, 1):
+                    torch.testing.assert_close(torch.cat([p[i] for p in parts]), whole[i], rtol=0, atol=0)
+    assert reads == [7, 4, 3, 3, 2, 2] * 2 + [9, 5, 4, 3, 3, 3] * 2  # causal_lm (7 windows), masked_lm (9)
+
+
 @pytest.mark.parametrize("n, batch, world, accum", [(51, 51, 2, 3), (19, 51, 2, 3), (1, 8, 2, 1), (5, 8, 4, 2),
                                                      (64, 64, 3, 1), (7, 7, 1, 2)])
 def test_micro_batches_cover_the_global_batch_in_order(n, batch, world, accum):
     x, y = torch.arange(n * 2.0).reshape(n, 2), torch.arange(n)
-    per_rank = [D.Parallel(rank=r, world_size=world).micro_batches(x, y, batch, accum) for r in range(world)]
+    shares = [share(n, r, world) for r in range(world)]
+    assert [len(y[s]) for s in shares] == [len(part) for part in y.tensor_split(world)]
+    per_rank = [D.Parallel(rank=r, world_size=world).micro_batches(x[s], y[s], n, batch, accum)
+                for r, s in enumerate(shares)]
     assert len({len(parts) for parts in per_rank}) == 1  # the same number of forwards on every rank
     micro = math.ceil(math.ceil(batch / world) / accum)
     assert all(len(ym) <= micro for parts in per_rank for _, ym in parts)

@@ -8,15 +8,18 @@ the process group itself: NCCL on CUDA (process r drives cuda:LOCAL_RANK), gloo 
 
 ``train.batch_size`` B is the global batch. Step s uses exactly the single-process batch
 ``task.batch(s)`` = (x₁ … x_n), n ≤ B, split contiguously into W near-equal slices S_r; rank r
-takes S_r (then its train.grad_accum micro-batches) and back-propagates
+builds only S_r (``task.batch(s, r, W)``: it reads, augments or masks no other row), cuts it into
+its train.grad_accum micro-batches and back-propagates
 
-    W · L_r,     L_r = Σ_{i ∈ S_r} loss_i / n
+    W · L_r,     L_r = Σ_{i ∈ S_r} loss_i / N
+
+where N = Σ_r task.count(S_r), the examples (or target tokens) of the whole batch, is all-reduced.
 
 DDP and FSDP average gradients over the W ranks, so every rank ends the step with
 
-    (1/W) Σ_r W ∇L_r = ∇ (Σ_i loss_i / n)
+    (1/W) Σ_r W ∇L_r = ∇ (Σ_i loss_i / N)
 
-the single-process gradient, a partial last batch weighted by its own count n. The optimizer
+the single-process gradient, a partial last batch weighted by its own count N. The optimizer
 step is then the single-process step, up to float rounding from the order of the sums.
 
 Strategies (``train.strategy``; ``auto`` = ddp when W > 1, plain when W = 1):
@@ -178,18 +181,34 @@ class Parallel:
 
     # ------------------------------------------------ one step
 
-    def micro_batches(self, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                      grad_accum: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's slice of the step's global batch (x, y), as micro-batches.
+    def batch(self, task, step: int, batch_size: int,
+              grad_accum: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int, int]:
+        """This rank's micro-batches of step ``step``, the rows of the whole step's batch, and its
+        count n (examples or target tokens, the loss normaliser; at least 1).
 
-        Every rank gets the same number of micro-batches (a short slice ends with empty ones),
+        Each rank builds only its share (``task.batch(step, rank, W)``); rows and n are summed
+        over the ranks (one small all-reduce).
+        """
+        if self.world_size == 1:
+            x, y = task.batch(step)
+            rows, n = len(y), task.count(y)
+        else:
+            x, y = task.batch(step, self.rank, self.world_size)
+            counts = torch.tensor([len(y), task.count(y)], device=self._comm_device)
+            dist.all_reduce(counts)
+            rows, n = counts.tolist()
+        return self.micro_batches(x, y, rows, batch_size, grad_accum), rows, max(1, n)
+
+    def micro_batches(self, x: torch.Tensor, y: torch.Tensor, rows: int, batch_size: int,
+                      grad_accum: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's share (x, y) of a step's batch of ``rows`` rows, as micro-batches.
+
+        Every rank gets the same number of micro-batches (a short share ends with empty ones),
         because DDP synchronises on the last one and FSDP gathers weights in every forward.
         """
-        n, w = len(y), self.world_size
+        w = self.world_size
         micro = math.ceil(math.ceil(batch_size / w) / grad_accum)
-        if w > 1:
-            x, y = x.tensor_split(w)[self.rank], y.tensor_split(w)[self.rank]
-        k = math.ceil(math.ceil(n / w) / micro)
+        k = math.ceil(math.ceil(rows / w) / micro)
         return [(x[i * micro : (i + 1) * micro], y[i * micro : (i + 1) * micro]) for i in range(k)]
 
     def grad_sync(self, model: nn.Module, last: bool):

@@ -221,11 +221,11 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
     with stop_signals() as caught:
         while state.step < total and not state.stopped_early:
             step = state.step
-            x, y = task.batch(step)
-            n = task.count(y)  # examples (or target tokens) in the whole step's batch
+            # this process's share of the step's batch, as micro-batches; rows and n (examples or
+            # target tokens) count the whole batch
+            parts, rows, n = par.batch(task, step, t.batch_size, t.grad_accum)
             optimizer.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), device=device)
-            parts = par.micro_batches(x, y, t.batch_size, t.grad_accum)  # this process's share
             seed_grad = torch.full((), par.grad_scale / n, device=device)  # backprop Σ·w/n without a division node
             try:
                 for j, (x_m, y_m) in enumerate(parts):
@@ -264,7 +264,7 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
             state.step += 1
             state.window_loss += loss_value
             state.window_steps += 1
-            window_samples += len(x)
+            window_samples += rows
 
             record: dict[str, Any] = {}
             save_step = bool(t.checkpoint_every) and state.step % t.checkpoint_every == 0

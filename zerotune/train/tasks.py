@@ -5,6 +5,10 @@ Batches are a pure function of (seed, step): epoch e = step // steps_per_epoch u
 permutation drawn from a generator seeded with (seed, e), and augmentation draws from a
 generator seeded with (seed, step). Resuming at step s therefore continues with exactly the
 batches an uninterrupted run would have seen, with no iterator state to save.
+
+With W processes, ``batch(step, rank, W)`` builds only rank r's contiguous share of that batch
+(:func:`share`): the random numbers of the whole batch (window offsets, masks, augmentation) are
+drawn, which is cheap, and only the share's rows are read, corrupted and moved to the device.
 """
 
 from __future__ import annotations
@@ -21,6 +25,14 @@ from zerotune.errors import ZerotuneError
 from zerotune.evaluate import metrics as M
 
 EVAL_BATCH = 1024
+
+
+def share(n: int, rank: int, world_size: int) -> slice:
+    """Rank ``rank``'s contiguous part of ``n`` rows cut ``world_size`` ways, as ``tensor_split``
+    cuts them: the first n mod W parts have one row more."""
+    q, extra = divmod(n, world_size)
+    start = rank * q + min(rank, extra)
+    return slice(start, start + q + (rank < extra))
 
 
 class EpochOrder:
@@ -68,14 +80,18 @@ class SupervisedTask:
         self.order = EpochOrder(self.n, batch_size, seed, self.device)
         self.steps_per_epoch = self.order.steps_per_epoch
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole batch of optimizer step ``step``."""
+    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of optimizer step ``step`` (rank's share of it with ``world_size`` processes)."""
         index = self.order.indices(step)
+        n = len(index)
+        if world_size > 1:
+            index = index[share(n, rank, world_size)]
         x, y = self.train.x[index], self.train.y[index]
         if self.augment is not None:
             from zerotune.data.augment import augment_batch
 
-            x = augment_batch(x, self.augment, torch.Generator().manual_seed(self.seed * 7_919 + step))
+            g = torch.Generator().manual_seed(self.seed * 7_919 + step)
+            x = augment_batch(x, self.augment, g, share(n, rank, world_size), n)  # drawn for all n rows
         return x, y
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -183,8 +199,10 @@ class LanguageModelTask:
     def has_val(self) -> bool:
         return self.val is not None and self.val.n_tokens > self.block_size
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.train.batch(step, self.batch_size, self.block_size, self.seed, self.sampling)
+    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """The windows of step ``step`` (rank's share of them with ``world_size`` processes)."""
+        rows = share(self.batch_size, rank, world_size)
+        x, y = self.train.batch(step, self.batch_size, self.block_size, self.seed, self.sampling, rows=rows)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def count(self, y: torch.Tensor) -> int:
@@ -255,20 +273,22 @@ class MaskedLanguageModelTask(LanguageModelTask):
         self.mask_id = ids["mask"]
         self.special = [i for k, i in ids.items() if i is not None and k != "unk"]
 
-    def _mask(self, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mask(self, x: torch.Tensor, seed: int, rows: slice = slice(None),
+              n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         from zerotune.data.mlm import mask_tokens
 
         g = torch.Generator().manual_seed(seed)
         return mask_tokens(x, vocab_size=self.info.vocab_size, mask_id=self.mask_id, special_ids=self.special,
-                           generator=g)
+                           generator=g, rows=rows, n=n)
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, _ = self.train.batch(step, self.batch_size, self.block_size, self.seed, self.sampling)
-        inputs, labels = self._mask(x, self.seed * 1_000_003 + step)
+    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = share(self.batch_size, rank, world_size)
+        x, _ = self.train.batch(step, self.batch_size, self.block_size, self.seed, self.sampling, rows=rows)
+        inputs, labels = self._mask(x, self.seed * 1_000_003 + step, rows, self.batch_size)
         return inputs.to(self.device), labels.to(self.device)
 
     def count(self, y: torch.Tensor) -> int:
-        return max(1, int((y != -100).sum()))
+        return int((y != -100).sum())
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(out.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
