@@ -5,6 +5,9 @@ grad_accum 3 and a batch size (51) whose slices are uneven (26/25, last batch 10
 empty micro-batch), so the split, the micro-batching and the count weighting are all exercised.
 Tolerances: 1e-5 absolute on every weight after 26 Adam steps (measured differences ~1e-7,
 from the order of float sums only).
+
+The language-model runs (causal_lm under FSDP, masked_lm under DDP) use batches of 7 and 9 windows
+(uneven shares) and 3 evaluation batches (rank 1 pads with a dummy forward).
 """
 
 from __future__ import annotations
@@ -96,6 +99,14 @@ def fresh(cfg: dict) -> tuple[nn.Module, LanguageModelTask | SupervisedTask, Con
     return build_model(config.model, task.info), task, config
 
 
+def run_loop(cfg: dict, par: D.Parallel, **kw) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """``train_loop`` on a fresh model, no run folder: the final weights (rank 0) and metrics records."""
+    model, task, config = fresh(cfg)
+    records: list[dict] = []
+    train_loop(model, task, config, log=quiet, par=par, on_record=records.append, **kw)
+    return par.model_state(model), records
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -170,6 +181,44 @@ def _worker(rank: int, root: Path, port: int) -> None:
     (root / f"rank{rank}.json").write_text(json.dumps(result))
 
 
+def _lm_worker(rank: int, root: Path, port: int) -> None:
+    """Runs as each of 2 processes: sharded LM validation of a fresh model, then LM training runs
+    that record the rows each rank reads."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    result: dict = {}
+    reads: list[int] = []
+    real_batch = ShardDataset.batch
+
+    def counted(self, *args, **kwargs):
+        x, y = real_batch(self, *args, **kwargs)
+        reads.append(len(x))
+        return x, y
+
+    ShardDataset.batch = counted
+    cpu = torch.device("cpu")
+    saved: dict[str, dict[str, torch.Tensor]] = {}
+    for name, cfg in lm_configs(root / "shards").items():
+        model, task, _ = fresh(cfg)
+        forwards: list[int] = []
+        model.register_forward_pre_hook(lambda m, args, seen=forwards: seen.append(len(args[0])))
+        par = D.Parallel(rank, 2, "fsdp", cpu)
+        result[f"{name}_val"] = par.evaluate_val(task, par.wrap(model))
+        result[f"{name}_forwards"] = forwards
+        reads.clear()
+        saved[name], result[f"{name}_records"] = run_loop(cfg, D.Parallel(rank, 2, cfg["train"]["strategy"], cpu))
+        result[f"{name}_reads"] = list(reads)
+    if rank == 0:
+        for name, state in saved.items():
+            ckpt.save_weights(root / f"{name}.safetensors", state)
+    (root / f"lm_rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
 @pytest.fixture(scope="module")
 def lm_root(tmp_path_factory) -> Path:
     """A folder with a character tokenizer (tok/) and token shards (shards/)."""
@@ -180,6 +229,16 @@ def lm_root(tmp_path_factory) -> Path:
         (docs / f"{i:02d}.txt").write_text("the cat sat on the mat and the dog sat on the log. " * 3 + f"doc {i}\n")
     train_tokenizer(f"text:{docs}", 64, root / "tok", kind="char", progress=False)
     prepare(f"text:{docs}", root / "tok", root / "shards", val_fraction=0.2, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def lm_two(lm_root) -> Path:
+    root = lm_root
+    ctx = mp.start_processes(_lm_worker, args=(root, free_port()), nprocs=2, start_method="spawn", join=False)
+    for p in ctx.processes:
+        p.join(180)
+    assert [p.exitcode for p in ctx.processes] == [0, 0]
     return root
 
 
@@ -248,6 +307,38 @@ def test_a_process_that_dies_stops_the_others_with_one_line(two):
     assert fail["message"].startswith("rank 0: lost contact with another process of the run, which stopped or "
                                       "failed (")
     assert "\n" not in fail["message"]
+
+
+@pytest.mark.parametrize("name", ["causal_lm", "masked_lm"])
+def test_language_model_validation_is_split_across_processes(lm_two, name):
+    """Each rank evaluates its own batches (0 and 2 / 1, then a one-window pad: the same number of
+    forwards under FSDP); the all-reduced sums give the one-process numbers on both ranks."""
+    ranks = [json.loads((lm_two / f"lm_rank{r}.json").read_text()) for r in (0, 1)]
+    cfg = lm_configs(lm_two / "shards")[name]
+    model, task, _ = fresh(cfg)
+    batch = cfg["train"]["batch_size"]
+    assert task.val.n_eval_batches(batch, task.block_size, 3) == 3
+    assert [r[f"{name}_forwards"] for r in ranks] == [[batch, batch], [batch, 1]]
+    assert ranks[0][f"{name}_val"] == ranks[1][f"{name}_val"]
+    one = task.evaluate_val(model)
+    assert ranks[0][f"{name}_val"] == pytest.approx(one, rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("name", ["causal_lm", "masked_lm"])
+def test_each_process_reads_only_its_share_of_the_language_model_batch(lm_two, name):
+    cfg = lm_configs(lm_two / "shards")[name]
+    batch, steps = cfg["train"]["batch_size"], cfg["train"]["max_steps"]
+    ranks = [json.loads((lm_two / f"lm_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r[f"{name}_reads"] for r in ranks] == [[batch - batch // 2] * steps, [batch // 2] * steps]
+    one, ref = run_loop(cfg, D.Parallel())
+    two = ckpt.load_weights(lm_two / f"{name}.safetensors")
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], **TOL, msg=k)
+    rows = ranks[0][f"{name}_records"]
+    assert [r["step"] for r in rows] == [r["step"] for r in ref] == [4, 8]
+    for r, s in zip(rows, ref, strict=True):
+        for k in ("loss", "val_loss"):
+            assert r[k] == pytest.approx(s[k], abs=1e-5), (r["step"], k)
 
 
 # ---------------------------------------------------------------- torchrun through the command line

@@ -30,10 +30,11 @@ Strategies (``train.strategy``; ``auto`` = ddp when W > 1, plain when W = 1):
           root: weights, gradients and optimizer state are split W ways and all-gathered per block
           (bf16 compute / fp32 reduction on CUDA).
 
-Rank 0 alone writes the run folder (metrics, checkpoints, final model); evaluation runs on a
-slice of the validation set per rank and the outputs are gathered, so every rank sees the same
-numbers and makes the same early-stopping decision. Checkpoints hold full, unsharded tensors with
-the single-process names, so a run saved by W processes resumes on any other number.
+Rank 0 alone writes the run folder (metrics, checkpoints, final model). Evaluation runs on a
+slice of the validation set per rank: a supervised task's outputs are gathered, a language
+model's sums of loss and tokens are all-reduced, so every rank sees the same numbers and makes
+the same early-stopping decision. Checkpoints hold full, unsharded tensors with the
+single-process names, so a run saved by W processes resumes on any other number.
 """
 
 from __future__ import annotations
@@ -289,15 +290,21 @@ class Parallel:
     def evaluate_val(self, task, model: nn.Module) -> dict[str, float]:
         """The task's validation numbers, the same on every rank.
 
-        A supervised task's validation set is split across ranks and the outputs gathered; other
-        tasks evaluate the whole set on every rank.
+        A supervised task's validation set is split across ranks and the outputs gathered; a
+        language model's evaluation batches are dealt out to the ranks and the sums of loss and
+        tokens all-reduced. Other tasks evaluate the whole set on every rank.
         """
-        from zerotune.train.tasks import SupervisedTask
+        from zerotune.train.tasks import LanguageModelTask, SupervisedTask
 
         plain = self.unwrap(model)
-        if self.world_size == 1 or not isinstance(task, SupervisedTask):
+        if self.world_size == 1:
             return task.evaluate_val(plain)
-        return task.evaluate(plain, task.data.val, predict=self._predict)
+        if isinstance(task, SupervisedTask):
+            return task.evaluate(plain, task.data.val, predict=self._predict)
+        if isinstance(task, LanguageModelTask):
+            sums = task.eval_sums(plain, task.val, self.rank, self.world_size).to(self._comm_device)
+            return task.eval_result(self.sum(sums).cpu())
+        return task.evaluate_val(plain)
 
     @torch.no_grad()
     def _predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -211,18 +211,37 @@ class LanguageModelTask:
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(out.float().flatten(0, 1), y.flatten(), reduction="sum")  # (B·T, V) vs (B·T,)
 
-    @torch.no_grad()
     def evaluate_split(self, model: nn.Module, split) -> dict[str, float]:
+        return self.eval_result(self.eval_sums(model, split))
+
+    @torch.no_grad()
+    def eval_sums(self, model: nn.Module, split, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        """Summed loss and target tokens over the evaluation batches rank, rank + W, ... of ``split``.
+
+        Summed over the W ranks they are the one-process sums. Every rank runs the same number
+        of forwards (FSDP gathers weights in each): a short share ends with one on a dummy window.
+        """
         was_training = model.training
         model.eval()
         total, tokens = 0.0, 0
-        for x, y in split.eval_batches(self.batch_size, self.block_size, self.eval_batches):
+        for x, y in split.eval_batches(self.batch_size, self.block_size, self.eval_batches, rank=rank,
+                                       world_size=world_size):
             out = model(x.to(self.device))
             total += float(self.loss(out, y.to(self.device)))
             tokens += y.numel()
+        self._pad_forwards(model, split, rank, world_size)
         model.train(was_training)
+        return torch.tensor([total, tokens], dtype=torch.float64)
+
+    def eval_result(self, sums: torch.Tensor) -> dict[str, float]:
+        total, tokens = sums.tolist()
         loss = total / max(1, tokens)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+    def _pad_forwards(self, model: nn.Module, split, rank: int, world_size: int) -> None:
+        n = split.n_eval_batches(self.batch_size, self.block_size, self.eval_batches)
+        if rank >= n % world_size > 0:  # this rank had one batch fewer than rank 0
+            model(torch.zeros(1, self.block_size, dtype=torch.long, device=self.device))
 
     def evaluate_val(self, model: nn.Module) -> dict[str, float]:
         return self.evaluate_split(model, self.val)
@@ -294,19 +313,27 @@ class MaskedLanguageModelTask(LanguageModelTask):
         return F.cross_entropy(out.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
 
     @torch.no_grad()
-    def evaluate_split(self, model: nn.Module, split) -> dict[str, float]:
+    def eval_sums(self, model: nn.Module, split, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        """Summed loss, masked tokens and correct predictions (see LanguageModelTask.eval_sums)."""
         was_training = model.training
         model.eval()
         total, tokens, correct = 0.0, 0, 0
-        for i, (x, _) in enumerate(split.eval_batches(self.batch_size, self.block_size, self.eval_batches)):
-            inputs, labels = self._mask(x, 10_007 + i)
+        batches = split.eval_batches(self.batch_size, self.block_size, self.eval_batches, rank=rank,
+                                     world_size=world_size)
+        for j, (x, _) in enumerate(batches):
+            inputs, labels = self._mask(x, 10_007 + rank + j * world_size)  # seeded by the batch's index
             out = model(inputs.to(self.device))
             labels = labels.to(self.device)
             total += float(self.loss(out, labels))
             chosen = labels != -100
             tokens += int(chosen.sum())
             correct += int((out.argmax(-1)[chosen] == labels[chosen]).sum())
+        self._pad_forwards(model, split, rank, world_size)
         model.train(was_training)
+        return torch.tensor([total, tokens, correct], dtype=torch.float64)
+
+    def eval_result(self, sums: torch.Tensor) -> dict[str, float]:
+        total, tokens, correct = sums.tolist()
         loss = total / max(1, tokens)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / max(1, tokens)}
 
