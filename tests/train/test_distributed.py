@@ -67,7 +67,8 @@ def cut(run: Path, dest: Path, step: int) -> Path:
 
 
 def lm_configs(shards: Path) -> dict[str, dict]:
-    """causal_lm under FSDP and masked_lm under DDP: uneven shares, 3 evaluation batches."""
+    """causal_lm under FSDP and masked_lm under DDP: uneven shares, 3 evaluation batches; and
+    causal_lm with dropout under DDP, checkpointed every 4 steps."""
     train = {"epochs": None, "max_steps": 8, "grad_accum": 2, "log_every": 4, "eval_every": 4, "progress": False,
              "metrics": []}
     data = {"train": f"shards:{shards}", "eval_batches": 3, "max_length": 16}
@@ -82,7 +83,12 @@ def lm_configs(shards: Path) -> dict[str, dict]:
                                 "max_position": 16, "dropout": 0.0},
                       "optim": {"name": "adamw", "lr": 0.01},
                       "train": {**train, "batch_size": 9, "strategy": "ddp"}},
-    }
+    } | {"dropout": {"seed": 0, "task": "causal_lm", "data": data,
+                     "model": {"arch": "gpt", "block_size": 16, "n_layer": 1, "n_head": 2, "d_model": 16,
+                               "dropout": 0.2},
+                     "optim": {"name": "adamw", "lr": 0.01},
+                     "train": {**train, "max_steps": 12, "batch_size": 7, "strategy": "ddp", "checkpoint_every": 4,
+                               "keep_last": 3}}}
 
 
 def fresh(cfg: dict) -> tuple[nn.Module, LanguageModelTask | SupervisedTask, Config]:
@@ -182,8 +188,9 @@ def _worker(rank: int, root: Path, port: int) -> None:
 
 
 def _lm_worker(rank: int, root: Path, port: int) -> None:
-    """Runs as each of 2 processes: sharded LM validation of a fresh model, then LM training runs
-    that record the rows each rank reads."""
+    """Runs as each of 2 processes: sharded LM validation of a fresh model, LM training runs that
+    record the rows each rank reads, then a run with dropout, checkpointed, and its resumption
+    from step 4."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -202,7 +209,9 @@ def _lm_worker(rank: int, root: Path, port: int) -> None:
     ShardDataset.batch = counted
     cpu = torch.device("cpu")
     saved: dict[str, dict[str, torch.Tensor]] = {}
-    for name, cfg in lm_configs(root / "shards").items():
+    configs = lm_configs(root / "shards")
+    dropout = configs.pop("dropout")
+    for name, cfg in configs.items():
         model, task, _ = fresh(cfg)
         forwards: list[int] = []
         model.register_forward_pre_hook(lambda m, args, seen=forwards: seen.append(len(args[0])))
@@ -212,6 +221,10 @@ def _lm_worker(rank: int, root: Path, port: int) -> None:
         reads.clear()
         saved[name], result[f"{name}_records"] = run_loop(cfg, D.Parallel(rank, 2, cfg["train"]["strategy"], cpu))
         result[f"{name}_reads"] = list(reads)
+    par = D.Parallel(rank, 2, "ddp", cpu)
+    saved["dropout"], _ = run_loop(dropout, par, checkpoints=root / "dropout")
+    dist.barrier()  # rank 0 has written the checkpoints
+    saved["dropout_resumed"], _ = run_loop(dropout, par, resume=root / "dropout" / ckpt.step_name(4))
     if rank == 0:
         for name, state in saved.items():
             ckpt.save_weights(root / f"{name}.safetensors", state)
@@ -339,6 +352,25 @@ def test_each_process_reads_only_its_share_of_the_language_model_batch(lm_two, n
     for r, s in zip(rows, ref, strict=True):
         for k in ("loss", "val_loss"):
             assert r[k] == pytest.approx(s[k], abs=1e-5), (r["step"], k)
+
+
+def test_two_processes_with_dropout_resume_exactly_on_two(lm_two):
+    state = torch.load(lm_two / "dropout" / ckpt.step_name(4) / ckpt.STATE, weights_only=True)
+    a, b = (s["torch"] for s in state["rng_ranks"])
+    assert not torch.equal(a, b)  # shares of 4 and 3 windows draw different numbers of dropout masks
+    assert torch.equal(state["rng"]["torch"], a)
+    whole = ckpt.load_weights(lm_two / "dropout.safetensors")
+    resumed = ckpt.load_weights(lm_two / "dropout_resumed.safetensors")  # from step 4, on 2 processes
+    for k in whole:
+        torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=0, msg=k)
+
+
+def test_resuming_on_another_number_of_processes_says_the_random_state_is_rank_0s(lm_two):
+    model, task, config = fresh(lm_configs(lm_two / "shards")["dropout"])
+    lines: list[str] = []
+    train_loop(model, task, config, log=lines.append, resume=lm_two / "dropout" / ckpt.step_name(8))
+    assert lines == ["the checkpoint holds the random state of 2 processes, this run has 1: every process "
+                     "continues from rank 0's, so dropout draws differ from an uninterrupted run"]
 
 
 # ---------------------------------------------------------------- torchrun through the command line

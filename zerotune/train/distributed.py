@@ -34,7 +34,8 @@ Rank 0 alone writes the run folder (metrics, checkpoints, final model). Evaluati
 slice of the validation set per rank: a supervised task's outputs are gathered, a language
 model's sums of loss and tokens are all-reduced, so every rank sees the same numbers and makes
 the same early-stopping decision. Checkpoints hold full, unsharded tensors with the
-single-process names, so a run saved by W processes resumes on any other number.
+single-process names, so a run saved by W processes resumes on any other number; they also hold
+each rank's random state, restored when the run resumes on as many processes.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from torch import nn
 
 from zerotune.config import TrainConfig
 from zerotune.errors import ZerotuneError
+from zerotune.train import checkpoint as ckpt
 
 EVAL_BATCH = 1024
 # Communication failures surface as RuntimeError (gloo) or DistError (NCCL, stores); these words
@@ -284,6 +286,31 @@ class Parallel:
 
         set_optimizer_state_dict(model, optimizer, by_name(state, param_names(model, optimizer)),
                                  options=StateDictOptions(full_state_dict=True))
+
+    # ------------------------------------------------ random states
+
+    def rng_states(self) -> list[dict[str, Any]] | None:
+        """Every rank's random state (:func:`checkpoint.rng_state`), gathered on rank 0; None on the
+        other ranks and with one process. Collective."""
+        if self.world_size == 1:
+            return None
+        states = [None] * self.world_size if self.is_main else None
+        dist.gather_object(ckpt.rng_state(), states, dst=0)
+        return states
+
+    def set_rng_state(self, saved: dict[str, Any], log: Callable[..., Any]) -> None:
+        """Restore a checkpoint's random state: each rank its own when the checkpoint was saved by
+        as many ranks (``saved["rng_ranks"]``), else rank 0's (``saved["rng"]``) on every rank."""
+        ranks = saved.get("rng_ranks")
+        if ranks is not None and len(ranks) == self.world_size:
+            ckpt.set_rng_state(ranks[self.rank])
+            return
+        ckpt.set_rng_state(saved["rng"])
+        had = len(ranks) if ranks is not None else 1
+        if had != self.world_size:
+            log(f"the checkpoint holds the random state of {had} process{'es' if had > 1 else ''}, this run has "
+                f"{self.world_size}: every process continues from rank 0's, so dropout draws differ from an "
+                "uninterrupted run")
 
     # ------------------------------------------------ evaluation and coordination
 

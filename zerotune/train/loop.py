@@ -188,7 +188,7 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
         par.load_optimizer_state(model, optimizer, saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = LoopState(**saved["loop"])
-        ckpt.set_rng_state(saved["rng"])
+        par.set_rng_state(saved, log)  # each process's own when saved by as many
         last_saved = state.step
     forward = torch.compile(model) if t.compile else model
     early = t.early_stopping
@@ -204,11 +204,14 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
         if checkpoints is None:
             return
         weights, optim_state = par.model_state(model), par.optimizer_state(model, optimizer)  # FSDP: gathered
+        rng_ranks = par.rng_states()  # several processes: each one's random state, gathered
         last_saved = state.step if name is None else last_saved
         if not par.is_main:
             return
         saved = {"optimizer": optim_state, "scheduler": scheduler.state_dict(),
                  "loop": state.__dict__, "rng": ckpt.rng_state(), "config": cfg.to_dict()}
+        if rng_ranks is not None:
+            saved["rng_ranks"] = rng_ranks
         ckpt.save_checkpoint(checkpoints, name or ckpt.step_name(state.step), weights, saved,
                              keep_last=t.keep_last if name is None else None)
 
