@@ -5,6 +5,9 @@ grad_accum 3 and a batch size (51) whose slices are uneven (26/25, last batch 10
 empty micro-batch), so the split, the micro-batching and the count weighting are all exercised.
 Tolerances: 1e-5 absolute on every weight after 26 Adam steps (measured differences ~1e-7,
 from the order of float sums only).
+
+The language-model runs (causal_lm under FSDP, masked_lm under DDP) use batches of 7 and 9 windows
+(uneven shares) and 3 evaluation batches (rank 1 pads with a dummy forward).
 """
 
 from __future__ import annotations
@@ -26,13 +29,15 @@ from torch import nn
 
 from tests.conftest import tiny_config
 from zerotune import cli
-from zerotune.config import load_config
+from zerotune.config import Config, load_config
+from zerotune.data.shards import ShardDataset, prepare
+from zerotune.data.tokenizer import train_tokenizer
 from zerotune.errors import ZerotuneError
 from zerotune.train import checkpoint as ckpt
 from zerotune.train import distributed as D
 from zerotune.train.api import make_task, train
-from zerotune.train.loop import train_loop
-from zerotune.train.tasks import SupervisedTask
+from zerotune.train.loop import seed_everything, train_loop
+from zerotune.train.tasks import LanguageModelTask, SupervisedTask, share
 
 CFG = tiny_config(epochs=1, batch_size=51, grad_clip=0.5, checkpoint_every=10, keep_last=10)  # 26 steps
 DIST = {**CFG, "train": {**CFG["train"], "grad_accum": 3}}
@@ -59,6 +64,53 @@ def cut(run: Path, dest: Path, step: int) -> Path:
             shutil.rmtree(folder)
     (dest / "model.json").unlink()
     return dest
+
+
+def lm_configs(shards: Path) -> dict[str, dict]:
+    """causal_lm under FSDP and masked_lm under DDP: uneven shares, 3 evaluation batches; and
+    causal_lm with dropout under DDP, checkpointed every 4 steps."""
+    train = {"epochs": None, "max_steps": 8, "grad_accum": 2, "log_every": 4, "eval_every": 4, "progress": False,
+             "metrics": []}
+    data = {"train": f"shards:{shards}", "eval_batches": 3, "max_length": 16}
+    return {
+        "causal_lm": {"seed": 0, "task": "causal_lm", "data": data,
+                      "model": {"arch": "gpt", "block_size": 16, "n_layer": 1, "n_head": 2, "d_model": 16,
+                                "bias": False, "dropout": 0.0},  # no key bias: its gradient is 0 (docs)
+                      "optim": {"name": "adamw", "lr": 0.01},
+                      "train": {**train, "batch_size": 7, "strategy": "fsdp"}},
+        "masked_lm": {"seed": 0, "task": "masked_lm", "data": data,
+                      "model": {"arch": "bert", "hidden": 16, "layers": 1, "heads": 2, "intermediate": 32,
+                                "max_position": 16, "dropout": 0.0},
+                      "optim": {"name": "adamw", "lr": 0.01},
+                      "train": {**train, "batch_size": 9, "strategy": "ddp"}},
+    } | {"dropout": {"seed": 0, "task": "causal_lm", "data": data,
+                     "model": {"arch": "gpt", "block_size": 16, "n_layer": 1, "n_head": 2, "d_model": 16,
+                               "dropout": 0.2},
+                     "optim": {"name": "adamw", "lr": 0.01},
+                     "train": {**train, "max_steps": 12, "batch_size": 7, "strategy": "ddp", "checkpoint_every": 4,
+                               "keep_last": 3}}}
+
+
+def fresh(cfg: dict) -> tuple[nn.Module, LanguageModelTask | SupervisedTask, Config]:
+    """The model (seeded as ``train`` seeds it), task and resolved config of ``cfg``."""
+    from zerotune.models import build_model
+    from zerotune.train.api import resolve_vocab
+
+    config = load_config(cfg)
+    task = make_task(config, torch.device("cpu"))
+    config = resolve_vocab(config, task.info)
+    if hasattr(task, "model_cfg"):
+        task.model_cfg = config.model  # with the vocabulary resolved, for the FLOPs count
+    seed_everything(config.seed)
+    return build_model(config.model, task.info), task, config
+
+
+def run_loop(cfg: dict, par: D.Parallel, **kw) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """``train_loop`` on a fresh model, no run folder: the final weights (rank 0) and metrics records."""
+    model, task, config = fresh(cfg)
+    records: list[dict] = []
+    train_loop(model, task, config, log=quiet, par=par, on_record=records.append, **kw)
+    return par.model_state(model), records
 
 
 def free_port() -> int:
@@ -122,10 +174,10 @@ def _worker(rank: int, root: Path, port: int) -> None:
 
     real_batch = SupervisedTask.batch
 
-    def die_at_3(self, step):
+    def die_at_3(self, step, *part):
         if step == 3 and rank == 1:
             os._exit(1)  # as if killed (out of memory, lost node)
-        return real_batch(self, step)
+        return real_batch(self, step, *part)
 
     SupervisedTask.batch = die_at_3
     try:
@@ -133,6 +185,74 @@ def _worker(rank: int, root: Path, port: int) -> None:
     except ZerotuneError as e:
         result["fail"] = {"type": type(e).__name__, "message": str(e), "exit_code": e.exit_code}
     (root / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def _lm_worker(rank: int, root: Path, port: int) -> None:
+    """Runs as each of 2 processes: sharded LM validation of a fresh model, LM training runs that
+    record the rows each rank reads, then a run with dropout, checkpointed, and its resumption
+    from step 4."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    result: dict = {}
+    reads: list[int] = []
+    real_batch = ShardDataset.batch
+
+    def counted(self, *args, **kwargs):
+        x, y = real_batch(self, *args, **kwargs)
+        reads.append(len(x))
+        return x, y
+
+    ShardDataset.batch = counted
+    cpu = torch.device("cpu")
+    saved: dict[str, dict[str, torch.Tensor]] = {}
+    configs = lm_configs(root / "shards")
+    dropout = configs.pop("dropout")
+    for name, cfg in configs.items():
+        model, task, _ = fresh(cfg)
+        forwards: list[int] = []
+        model.register_forward_pre_hook(lambda m, args, seen=forwards: seen.append(len(args[0])))
+        par = D.Parallel(rank, 2, "fsdp", cpu)
+        result[f"{name}_val"] = par.evaluate_val(task, par.wrap(model))
+        result[f"{name}_forwards"] = forwards
+        reads.clear()
+        saved[name], result[f"{name}_records"] = run_loop(cfg, D.Parallel(rank, 2, cfg["train"]["strategy"], cpu))
+        result[f"{name}_reads"] = list(reads)
+    par = D.Parallel(rank, 2, "ddp", cpu)
+    saved["dropout"], _ = run_loop(dropout, par, checkpoints=root / "dropout")
+    dist.barrier()  # rank 0 has written the checkpoints
+    saved["dropout_resumed"], _ = run_loop(dropout, par, resume=root / "dropout" / ckpt.step_name(4))
+    if rank == 0:
+        for name, state in saved.items():
+            ckpt.save_weights(root / f"{name}.safetensors", state)
+    (root / f"lm_rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def lm_root(tmp_path_factory) -> Path:
+    """A folder with a character tokenizer (tok/) and token shards (shards/)."""
+    root = tmp_path_factory.mktemp("dist_lm")
+    docs = root / "docs"
+    docs.mkdir()
+    for i in range(40):
+        (docs / f"{i:02d}.txt").write_text("the cat sat on the mat and the dog sat on the log. " * 3 + f"doc {i}\n")
+    train_tokenizer(f"text:{docs}", 64, root / "tok", kind="char", progress=False)
+    prepare(f"text:{docs}", root / "tok", root / "shards", val_fraction=0.2, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def lm_two(lm_root) -> Path:
+    root = lm_root
+    ctx = mp.start_processes(_lm_worker, args=(root, free_port()), nprocs=2, start_method="spawn", join=False)
+    for p in ctx.processes:
+        p.join(180)
+    assert [p.exitcode for p in ctx.processes] == [0, 0]
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +320,57 @@ def test_a_process_that_dies_stops_the_others_with_one_line(two):
     assert fail["message"].startswith("rank 0: lost contact with another process of the run, which stopped or "
                                       "failed (")
     assert "\n" not in fail["message"]
+
+
+@pytest.mark.parametrize("name", ["causal_lm", "masked_lm"])
+def test_language_model_validation_is_split_across_processes(lm_two, name):
+    """Each rank evaluates its own batches (0 and 2 / 1, then a one-window pad: the same number of
+    forwards under FSDP); the all-reduced sums give the one-process numbers on both ranks."""
+    ranks = [json.loads((lm_two / f"lm_rank{r}.json").read_text()) for r in (0, 1)]
+    cfg = lm_configs(lm_two / "shards")[name]
+    model, task, _ = fresh(cfg)
+    batch = cfg["train"]["batch_size"]
+    assert task.val.n_eval_batches(batch, task.block_size, 3) == 3
+    assert [r[f"{name}_forwards"] for r in ranks] == [[batch, batch], [batch, 1]]
+    assert ranks[0][f"{name}_val"] == ranks[1][f"{name}_val"]
+    one = task.evaluate_val(model)
+    assert ranks[0][f"{name}_val"] == pytest.approx(one, rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("name", ["causal_lm", "masked_lm"])
+def test_each_process_reads_only_its_share_of_the_language_model_batch(lm_two, name):
+    cfg = lm_configs(lm_two / "shards")[name]
+    batch, steps = cfg["train"]["batch_size"], cfg["train"]["max_steps"]
+    ranks = [json.loads((lm_two / f"lm_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r[f"{name}_reads"] for r in ranks] == [[batch - batch // 2] * steps, [batch // 2] * steps]
+    one, ref = run_loop(cfg, D.Parallel())
+    two = ckpt.load_weights(lm_two / f"{name}.safetensors")
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], **TOL, msg=k)
+    rows = ranks[0][f"{name}_records"]
+    assert [r["step"] for r in rows] == [r["step"] for r in ref] == [4, 8]
+    for r, s in zip(rows, ref, strict=True):
+        for k in ("loss", "val_loss"):
+            assert r[k] == pytest.approx(s[k], abs=1e-5), (r["step"], k)
+
+
+def test_two_processes_with_dropout_resume_exactly_on_two(lm_two):
+    state = torch.load(lm_two / "dropout" / ckpt.step_name(4) / ckpt.STATE, weights_only=True)
+    a, b = (s["torch"] for s in state["rng_ranks"])
+    assert not torch.equal(a, b)  # shares of 4 and 3 windows draw different numbers of dropout masks
+    assert torch.equal(state["rng"]["torch"], a)
+    whole = ckpt.load_weights(lm_two / "dropout.safetensors")
+    resumed = ckpt.load_weights(lm_two / "dropout_resumed.safetensors")  # from step 4, on 2 processes
+    for k in whole:
+        torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=0, msg=k)
+
+
+def test_resuming_on_another_number_of_processes_says_the_random_state_is_rank_0s(lm_two):
+    model, task, config = fresh(lm_configs(lm_two / "shards")["dropout"])
+    lines: list[str] = []
+    train_loop(model, task, config, log=lines.append, resume=lm_two / "dropout" / ckpt.step_name(8))
+    assert lines == ["the checkpoint holds the random state of 2 processes, this run has 1: every process "
+                     "continues from rank 0's, so dropout draws differ from an uninterrupted run"]
 
 
 # ---------------------------------------------------------------- torchrun through the command line
@@ -279,11 +450,45 @@ def test_other_ranks_leave_shared_input_errors_to_rank_0(tmp_path, monkeypatch, 
 # ---------------------------------------------------------------- pieces, one process
 
 
+def test_a_share_of_a_batch_is_those_rows_of_the_whole_batch(lm_root, monkeypatch):
+    """task.batch(step, rank, W) for each rank, stacked, is task.batch(step): the same windows,
+    masks and augmentation; and a rank reads only its own windows from the shards."""
+    from zerotune.data.tokenizer import load_tokenizer
+    from zerotune.finetune.sft import ChatTemplate, SFTData, SFTTask
+
+    cfg = load_config({**tiny_config(batch_size=7), "data": {"train": "builtin:digits", "augment": {
+        "enabled": True, "hflip": True, "crop_padding": 1, "rotate": 10, "translate": 0.1, "scale": 0.1,
+        "noise": 0.1}}})
+    tasks = [make_task(cfg, torch.device("cpu"))]
+    for name in ("causal_lm", "masked_lm"):
+        tasks.append(fresh(lm_configs(lm_root / "shards")[name])[1])
+    x = torch.randint(1, 50, (9, 12))
+    lengths = torch.tensor([12, 3, 5, 8, 2, 7, 6, 4, 9])
+    y = torch.where(torch.arange(12) < lengths[:, None], x, -100)
+    tasks.append(SFTTask(SFTData(x, y, lengths, 9, 0), None, tokenizer=load_tokenizer(lm_root / "tok"),
+                         template=ChatTemplate(), max_length=12, packing=False, batch_size=7, seed=0))
+    reads: list[int] = []
+    real = ShardDataset._windows
+    monkeypatch.setattr(ShardDataset, "_windows", lambda self, starts, t: reads.append(len(starts)) or real(
+        self, starts, t))
+    for task in tasks:
+        for step in (0, 1):
+            whole = task.batch(step)
+            for world in (2, 3):
+                parts = [task.batch(step, r, world) for r in range(world)]
+                for i in (0, 1):
+                    torch.testing.assert_close(torch.cat([p[i] for p in parts]), whole[i], rtol=0, atol=0)
+    assert reads == [7, 4, 3, 3, 2, 2] * 2 + [9, 5, 4, 3, 3, 3] * 2  # causal_lm (7 windows), masked_lm (9)
+
+
 @pytest.mark.parametrize("n, batch, world, accum", [(51, 51, 2, 3), (19, 51, 2, 3), (1, 8, 2, 1), (5, 8, 4, 2),
                                                      (64, 64, 3, 1), (7, 7, 1, 2)])
 def test_micro_batches_cover_the_global_batch_in_order(n, batch, world, accum):
     x, y = torch.arange(n * 2.0).reshape(n, 2), torch.arange(n)
-    per_rank = [D.Parallel(rank=r, world_size=world).micro_batches(x, y, batch, accum) for r in range(world)]
+    shares = [share(n, r, world) for r in range(world)]
+    assert [len(y[s]) for s in shares] == [len(part) for part in y.tensor_split(world)]
+    per_rank = [D.Parallel(rank=r, world_size=world).micro_batches(x[s], y[s], n, batch, accum)
+                for r, s in enumerate(shares)]
     assert len({len(parts) for parts in per_rank}) == 1  # the same number of forwards on every rank
     micro = math.ceil(math.ceil(batch / world) / accum)
     assert all(len(ym) <= micro for parts in per_rank for _, ym in parts)

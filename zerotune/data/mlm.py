@@ -31,6 +31,8 @@ def mask_tokens(
     special_ids: Iterable[int],
     generator: torch.Generator | None = None,
     p: float = 0.15,
+    rows: slice = slice(None),
+    n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Corrupt a batch of token ids for masked-language-model training.
 
@@ -41,6 +43,9 @@ def mask_tokens(
         special_ids: ids never chosen (padding, [CLS], [SEP], …).
         generator: source of randomness (on the same device as ``ids``); None uses the global one.
         p: probability that a non-special token is chosen.
+        rows: with ``n``, ids is ``batch[rows]`` of a batch of n rows; the random numbers of all n
+            rows are drawn and ids' rows get their own, so they are corrupted as within that batch.
+        n: the size of that whole batch (default: ``len(ids)``, ids is the whole batch).
 
     Returns:
         ``(inputs, labels)``, both shaped like ``ids``; labels are -100 where nothing is predicted.
@@ -57,10 +62,11 @@ def mask_tokens(
         raise ZerotuneError(f"token ids must be an integer tensor, got {ids.dtype}")
     special = torch.tensor(sorted(set(special_ids)), dtype=ids.dtype, device=ids.device)
     candidate = ~torch.isin(ids, special)  # (B, T)
-    draw = torch.rand(ids.shape, generator=generator, device=ids.device)  # (B, T)
+    shape = ids.shape if n is None else (n, *ids.shape[1:])  # the whole batch's
+    draw = torch.rand(shape, generator=generator, device=ids.device)[rows]  # (B, T)
     chosen = candidate & (draw < p)
-    how = torch.rand(ids.shape, generator=generator, device=ids.device)  # (B, T): mask / random / keep
-    random_ids = torch.randint(vocab_size, ids.shape, generator=generator, device=ids.device, dtype=ids.dtype)
+    how = torch.rand(shape, generator=generator, device=ids.device)[rows]  # (B, T): mask / random / keep
+    random_ids = torch.randint(vocab_size, shape, generator=generator, device=ids.device, dtype=ids.dtype)[rows]
     inputs = ids.clone()
     inputs[chosen & (how < 0.8)] = mask_id
     to_random = chosen & (how >= 0.8) & (how < 0.9)

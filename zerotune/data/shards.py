@@ -412,6 +412,7 @@ class ShardDataset:
         *,
         rank: int = 0,
         world_size: int = 1,
+        rows: slice = slice(None),
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The training batch for one step: ``x`` (B, T) token ids and ``y`` = x shifted by one.
 
@@ -424,9 +425,10 @@ class ShardDataset:
                 (consecutive non-overlapping windows, wrapping around at the end).
             rank: this process's rank; each rank draws its own rows.
             world_size: number of processes sharing the step.
+            rows: only these rows of the batch are read (the window offsets of all B are drawn).
 
         Returns:
-            ``(x, y)`` LongTensors of shape (B, T).
+            ``(x, y)`` LongTensors of shape (B, T), B the number of rows read.
         """
         if batch_size < 1:
             raise ZerotuneError(f"batch_size must be positive, got {batch_size}")
@@ -439,7 +441,7 @@ class ShardDataset:
             starts = (np.arange(first, first + batch_size) % n_windows) * block_size
         else:
             raise ZerotuneError(f"unknown batch mode {mode!r}; choose random or sequential")
-        return self._windows(starts, block_size)
+        return self._windows(starts[rows], block_size)
 
     def eval_batches(
         self,
@@ -455,12 +457,15 @@ class ShardDataset:
         Every window ``[k*T, k*T + T + 1)`` is visited once; the last batch may be smaller.
         With ``world_size`` > 1, rank r takes batches r, r + world_size, ...
         """
-        if batch_size < 1:
-            raise ZerotuneError(f"batch_size must be positive, got {batch_size}")
+        n_batches = self.n_eval_batches(batch_size, block_size, max_batches)
         n_windows = self._n_windows(block_size)
-        n_batches = -(-n_windows // batch_size)
-        if max_batches is not None:
-            n_batches = min(n_batches, max_batches)
         for b in range(rank, n_batches, world_size):
             ids = np.arange(b * batch_size, min((b + 1) * batch_size, n_windows))
             yield self._windows(ids * block_size, block_size)
+
+    def n_eval_batches(self, batch_size: int, block_size: int, max_batches: int | None = None) -> int:
+        """How many batches :meth:`eval_batches` yields with one process."""
+        if batch_size < 1:
+            raise ZerotuneError(f"batch_size must be positive, got {batch_size}")
+        n_batches = -(-self._n_windows(block_size) // batch_size)
+        return n_batches if max_batches is None else min(n_batches, max_batches)

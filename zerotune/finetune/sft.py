@@ -420,10 +420,14 @@ class SFTTask:
     def has_val(self) -> bool:
         return self.val is not None and len(self.val) > 0
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of optimizer step ``step``, cut to the longest row in the batch."""
+    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of optimizer step ``step`` (rank's share of them), cut to the longest row in the batch."""
         index = self.order.indices(step)
         width = int(self._len[index].max())
+        if world_size > 1:
+            from zerotune.train.tasks import share  # here: zerotune.config imports this module
+
+            index = index[share(len(index), rank, world_size)]
         return self._x[index, :width], self._y[index, :width]  # (B, T), (B, T)
 
     def count(self, y: torch.Tensor) -> int:

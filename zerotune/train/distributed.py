@@ -9,15 +9,18 @@ the process group itself: NCCL on CUDA (process r drives cuda:LOCAL_RANK), gloo 
 
 ``train.batch_size`` B is the global batch. Step s uses exactly the single-process batch
 ``task.batch(s)`` = (x₁ … x_n), n ≤ B, split contiguously into W near-equal slices S_r; rank r
-takes S_r (then its train.grad_accum micro-batches) and back-propagates
+builds only S_r (``task.batch(s, r, W)``: it reads, augments or masks no other row), cuts it into
+its train.grad_accum micro-batches and back-propagates
 
-    W · L_r,     L_r = Σ_{i ∈ S_r} loss_i / n
+    W · L_r,     L_r = Σ_{i ∈ S_r} loss_i / N
+
+where N = Σ_r task.count(S_r), the examples (or target tokens) of the whole batch, is all-reduced.
 
 DDP and FSDP average gradients over the W ranks, so every rank ends the step with
 
-    (1/W) Σ_r W ∇L_r = ∇ (Σ_i loss_i / n)
+    (1/W) Σ_r W ∇L_r = ∇ (Σ_i loss_i / N)
 
-the single-process gradient, a partial last batch weighted by its own count n. The optimizer
+the single-process gradient, a partial last batch weighted by its own count N. The optimizer
 step is then the single-process step, up to float rounding from the order of the sums.
 
 Strategies (``train.strategy``; ``auto`` = ddp when W > 1, plain when W = 1):
@@ -28,10 +31,12 @@ Strategies (``train.strategy``; ``auto`` = ddp when W > 1, plain when W = 1):
           root: weights, gradients and optimizer state are split W ways and all-gathered per block
           (bf16 compute / fp32 reduction on CUDA).
 
-Rank 0 alone writes the run folder (metrics, checkpoints, final model); evaluation runs on a
-slice of the validation set per rank and the outputs are gathered, so every rank sees the same
-numbers and makes the same early-stopping decision. Checkpoints hold full, unsharded tensors with
-the single-process names, so a run saved by W processes resumes on any other number.
+Rank 0 alone writes the run folder (metrics, checkpoints, final model). Evaluation runs on a
+slice of the validation set per rank: a supervised task's outputs are gathered, a language
+model's sums of loss and tokens are all-reduced, so every rank sees the same numbers and makes
+the same early-stopping decision. Checkpoints hold full, unsharded tensors with the
+single-process names, so a run saved by W processes resumes on any other number; they also hold
+each rank's random state, restored when the run resumes on as many processes.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from torch import nn
 
 from zerotune.config import TrainConfig
 from zerotune.errors import ZerotuneError
+from zerotune.train import checkpoint as ckpt
 
 EVAL_BATCH = 1024
 # Communication failures surface as RuntimeError (gloo) or DistError (NCCL, stores); these words
@@ -179,18 +185,34 @@ class Parallel:
 
     # ------------------------------------------------ one step
 
-    def micro_batches(self, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                      grad_accum: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's slice of the step's global batch (x, y), as micro-batches.
+    def batch(self, task, step: int, batch_size: int,
+              grad_accum: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int, int]:
+        """This rank's micro-batches of step ``step``, the rows of the whole step's batch, and its
+        count n (examples or target tokens, the loss normaliser; at least 1).
 
-        Every rank gets the same number of micro-batches (a short slice ends with empty ones),
+        Each rank builds only its share (``task.batch(step, rank, W)``); rows and n are summed
+        over the ranks (one small all-reduce).
+        """
+        if self.world_size == 1:
+            x, y = task.batch(step)
+            rows, n = len(y), task.count(y)
+        else:
+            x, y = task.batch(step, self.rank, self.world_size)
+            counts = torch.tensor([len(y), task.count(y)], device=self._comm_device)
+            dist.all_reduce(counts)
+            rows, n = counts.tolist()
+        return self.micro_batches(x, y, rows, batch_size, grad_accum), rows, max(1, n)
+
+    def micro_batches(self, x: torch.Tensor, y: torch.Tensor, rows: int, batch_size: int,
+                      grad_accum: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's share (x, y) of a step's batch of ``rows`` rows, as micro-batches.
+
+        Every rank gets the same number of micro-batches (a short share ends with empty ones),
         because DDP synchronises on the last one and FSDP gathers weights in every forward.
         """
-        n, w = len(y), self.world_size
+        w = self.world_size
         micro = math.ceil(math.ceil(batch_size / w) / grad_accum)
-        if w > 1:
-            x, y = x.tensor_split(w)[self.rank], y.tensor_split(w)[self.rank]
-        k = math.ceil(math.ceil(n / w) / micro)
+        k = math.ceil(math.ceil(rows / w) / micro)
         return [(x[i * micro : (i + 1) * micro], y[i * micro : (i + 1) * micro]) for i in range(k)]
 
     def grad_sync(self, model: nn.Module, last: bool):
@@ -266,20 +288,51 @@ class Parallel:
         set_optimizer_state_dict(model, optimizer, by_name(state, param_names(model, optimizer)),
                                  options=StateDictOptions(full_state_dict=True))
 
+    # ------------------------------------------------ random states
+
+    def rng_states(self) -> list[dict[str, Any]] | None:
+        """Every rank's random state (:func:`checkpoint.rng_state`), gathered on rank 0; None on the
+        other ranks and with one process. Collective."""
+        if self.world_size == 1:
+            return None
+        states = [None] * self.world_size if self.is_main else None
+        dist.gather_object(ckpt.rng_state(), states, dst=0)
+        return states
+
+    def set_rng_state(self, saved: dict[str, Any], log: Callable[..., Any]) -> None:
+        """Restore a checkpoint's random state: each rank its own when the checkpoint was saved by
+        as many ranks (``saved["rng_ranks"]``), else rank 0's (``saved["rng"]``) on every rank."""
+        ranks = saved.get("rng_ranks")
+        if ranks is not None and len(ranks) == self.world_size:
+            ckpt.set_rng_state(ranks[self.rank])
+            return
+        ckpt.set_rng_state(saved["rng"])
+        had = len(ranks) if ranks is not None else 1
+        if had != self.world_size:
+            log(f"the checkpoint holds the random state of {had} process{'es' if had > 1 else ''}, this run has "
+                f"{self.world_size}: every process continues from rank 0's, so dropout draws differ from an "
+                "uninterrupted run")
+
     # ------------------------------------------------ evaluation and coordination
 
     def evaluate_val(self, task, model: nn.Module) -> dict[str, float]:
         """The task's validation numbers, the same on every rank.
 
-        A supervised task's validation set is split across ranks and the outputs gathered; other
-        tasks evaluate the whole set on every rank.
+        A supervised task's validation set is split across ranks and the outputs gathered; a
+        language model's evaluation batches are dealt out to the ranks and the sums of loss and
+        tokens all-reduced. Other tasks evaluate the whole set on every rank.
         """
-        from zerotune.train.tasks import SupervisedTask
+        from zerotune.train.tasks import LanguageModelTask, SupervisedTask
 
         plain = self.unwrap(model)
-        if self.world_size == 1 or not isinstance(task, SupervisedTask):
+        if self.world_size == 1:
             return task.evaluate_val(plain)
-        return task.evaluate(plain, task.data.val, predict=self._predict)
+        if isinstance(task, SupervisedTask):
+            return task.evaluate(plain, task.data.val, predict=self._predict)
+        if isinstance(task, LanguageModelTask):
+            sums = task.eval_sums(plain, task.val, self.rank, self.world_size).to(self._comm_device)
+            return task.eval_result(self.sum(sums).cpu())
+        return task.evaluate_val(plain)
 
     @torch.no_grad()
     def _predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -202,7 +202,7 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
         par.load_optimizer_state(model, optimizer, saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = LoopState(**saved["loop"])
-        ckpt.set_rng_state(saved["rng"])
+        par.set_rng_state(saved, log)  # each process's own when saved by as many
         last_saved = state.step
     forward = torch.compile(model) if t.compile else model
     early = t.early_stopping
@@ -218,11 +218,14 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
         if checkpoints is None:
             return
         weights, optim_state = par.model_state(model), par.optimizer_state(model, optimizer)  # FSDP: gathered
+        rng_ranks = par.rng_states()  # several processes: each one's random state, gathered
         last_saved = state.step if name is None else last_saved
         if not par.is_main:
             return
         saved = {"optimizer": optim_state, "scheduler": scheduler.state_dict(),
                  "loop": state.__dict__, "rng": ckpt.rng_state(), "config": cfg.to_dict()}
+        if rng_ranks is not None:
+            saved["rng_ranks"] = rng_ranks
         ckpt.save_checkpoint(checkpoints, name or ckpt.step_name(state.step), weights, saved,
                              keep_last=t.keep_last if name is None else None)
 
@@ -235,11 +238,11 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
     with stop_signals() as caught:
         while state.step < total and not state.stopped_early:
             step = state.step
-            x, y = task.batch(step)
-            n = task.count(y)  # examples (or target tokens) in the whole step's batch
+            # this process's share of the step's batch, as micro-batches; rows and n (examples or
+            # target tokens) count the whole batch
+            parts, rows, n = par.batch(task, step, t.batch_size, t.grad_accum)
             optimizer.zero_grad(set_to_none=True)
             loss_sum = None
-            parts = par.micro_batches(x, y, t.batch_size, t.grad_accum)  # this process's share
             seed_grad = torch.full((), par.grad_scale / n, device=device)  # backprop Σ·w/n without a division node
             try:
                 for j, (x_m, y_m) in enumerate(parts):
@@ -278,7 +281,7 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
             state.step += 1
             state.window_loss += loss_value
             state.window_steps += 1
-            window_samples += len(x)
+            window_samples += rows
 
             record: dict[str, Any] = {}
             save_step = bool(t.checkpoint_every) and state.step % t.checkpoint_every == 0

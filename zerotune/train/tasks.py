@@ -5,6 +5,10 @@ Batches are a pure function of (seed, step): epoch e = step // steps_per_epoch u
 permutation drawn from a generator seeded with (seed, e), and augmentation draws from a
 generator seeded with (seed, step). Resuming at step s therefore continues with exactly the
 batches an uninterrupted run would have seen, with no iterator state to save.
+
+With W processes, ``batch(step, rank, W)`` builds only rank r's contiguous share of that batch
+(:func:`share`): the random numbers of the whole batch (window offsets, masks, augmentation) are
+drawn, which is cheap, and only the share's rows are read, corrupted and moved to the device.
 """
 
 from __future__ import annotations
@@ -24,6 +28,14 @@ from zerotune.errors import ZerotuneError
 from zerotune.evaluate import metrics as M
 
 EVAL_BATCH = 1024
+
+
+def share(n: int, rank: int, world_size: int) -> slice:
+    """Rank ``rank``'s contiguous part of ``n`` rows cut ``world_size`` ways, as ``tensor_split``
+    cuts them: the first n mod W parts have one row more."""
+    q, extra = divmod(n, world_size)
+    start = rank * q + min(rank, extra)
+    return slice(start, start + q + (rank < extra))
 
 
 class EpochOrder:
@@ -46,17 +58,19 @@ class EpochOrder:
 
 
 class FileBatches(torch.utils.data.Dataset):
-    """Item s is optimizer step s's batch (x, y), decoded from files (a split whose x is ``ImageFiles``).
+    """Item s is process ``rank``'s share of optimizer step s's batch (x, y), decoded from files
+    (a split whose x is ``ImageFiles``).
 
     A read error comes back as its message (a ``str``), so that the training process can raise it
     as one line instead of a worker's traceback.
     """
 
-    def __init__(self, split: Split, order: EpochOrder) -> None:
-        self.split, self.order = split, order
+    def __init__(self, split: Split, order: EpochOrder, rank: int = 0, world_size: int = 1) -> None:
+        self.split, self.order, self.rank, self.world_size = split, order, rank, world_size
 
     def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor] | str:
         index = self.order.indices(step)
+        index = index[share(len(index), self.rank, self.world_size)]  # this process's rows only
         try:
             return self.split.x[index], self.split.y[index]
         except ZerotuneError as e:
@@ -70,14 +84,16 @@ class StepLoader:
 
     def __init__(self, split: Split, batch_size: int, seed: int, workers: int, device: torch.device) -> None:
         self.order = EpochOrder(len(split), batch_size, seed)  # indices on the CPU, where files are read
-        self.batches = FileBatches(split.to("cpu"), self.order)
+        self.split = split.to("cpu")
         self.workers, self.device = workers, device
         self._next, self._it = None, None
 
-    def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if step != self._next:
+    def get(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Process ``rank``'s share of step ``step``'s batch, on the device."""
+        if (step, rank, world_size) != self._next:
             loader = torch.utils.data.DataLoader(
-                self.batches, batch_size=None, sampler=itertools.count(step), num_workers=self.workers,
+                FileBatches(self.split, self.order, rank, world_size), batch_size=None,
+                sampler=itertools.count(step), num_workers=self.workers,
                 pin_memory=self.device.type == "cuda", prefetch_factor=2 if self.workers else None,
                 generator=torch.Generator())  # its own: the global RNG (dropout) stays as without a loader
             self._it = iter(loader)
@@ -85,7 +101,7 @@ class StepLoader:
         if isinstance(item, str):
             self._next = None
             raise ZerotuneError(item)
-        self._next = step + 1
+        self._next = (step + 1, rank, world_size)
         x, y = item
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
@@ -127,17 +143,21 @@ class SupervisedTask:
             workers = default_workers() if num_workers is None else num_workers
             self.files = StepLoader(data.train, batch_size, seed, workers, self.device)
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole batch of optimizer step ``step``."""
+    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of optimizer step ``step`` (rank's share of it with ``world_size`` processes)."""
+        index = self.order.indices(step)
+        n = len(index)
+        if world_size > 1:
+            index = index[share(n, rank, world_size)]
         if self.files is not None:
-            x, y = self.files.get(step)
+            x, y = self.files.get(step, rank, world_size)
         else:
-            index = self.order.indices(step)
             x, y = self.train.x[index], self.train.y[index]
         if self.augment is not None:
             from zerotune.data.augment import augment_batch
 
-            x = augment_batch(x, self.augment, torch.Generator().manual_seed(self.seed * 7_919 + step))
+            g = torch.Generator().manual_seed(self.seed * 7_919 + step)
+            x = augment_batch(x, self.augment, g, share(n, rank, world_size), n)  # drawn for all n rows
         return x, y
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -247,8 +267,10 @@ class LanguageModelTask:
     def has_val(self) -> bool:
         return self.val is not None and self.val.n_tokens > self.block_size
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.train.batch(step, self.batch_size, self.block_size, self.seed, self.sampling)
+    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """The windows of step ``step`` (rank's share of them with ``world_size`` processes)."""
+        rows = share(self.batch_size, rank, world_size)
+        x, y = self.train.batch(step, self.batch_size, self.block_size, self.seed, self.sampling, rows=rows)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def count(self, y: torch.Tensor) -> int:
@@ -257,18 +279,37 @@ class LanguageModelTask:
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(out.float().flatten(0, 1), y.flatten(), reduction="sum")  # (B·T, V) vs (B·T,)
 
-    @torch.no_grad()
     def evaluate_split(self, model: nn.Module, split) -> dict[str, float]:
+        return self.eval_result(self.eval_sums(model, split))
+
+    @torch.no_grad()
+    def eval_sums(self, model: nn.Module, split, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        """Summed loss and target tokens over the evaluation batches rank, rank + W, ... of ``split``.
+
+        Summed over the W ranks they are the one-process sums. Every rank runs the same number
+        of forwards (FSDP gathers weights in each): a short share ends with one on a dummy window.
+        """
         was_training = model.training
         model.eval()
         total, tokens = 0.0, 0
-        for x, y in split.eval_batches(self.batch_size, self.block_size, self.eval_batches):
+        for x, y in split.eval_batches(self.batch_size, self.block_size, self.eval_batches, rank=rank,
+                                       world_size=world_size):
             out = model(x.to(self.device))
             total += float(self.loss(out, y.to(self.device)))
             tokens += y.numel()
+        self._pad_forwards(model, split, rank, world_size)
         model.train(was_training)
+        return torch.tensor([total, tokens], dtype=torch.float64)
+
+    def eval_result(self, sums: torch.Tensor) -> dict[str, float]:
+        total, tokens = sums.tolist()
         loss = total / max(1, tokens)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+    def _pad_forwards(self, model: nn.Module, split, rank: int, world_size: int) -> None:
+        n = split.n_eval_batches(self.batch_size, self.block_size, self.eval_batches)
+        if rank >= n % world_size > 0:  # this rank had one batch fewer than rank 0
+            model(torch.zeros(1, self.block_size, dtype=torch.long, device=self.device))
 
     def evaluate_val(self, model: nn.Module) -> dict[str, float]:
         return self.evaluate_split(model, self.val)
@@ -319,38 +360,48 @@ class MaskedLanguageModelTask(LanguageModelTask):
         self.mask_id = ids["mask"]
         self.special = [i for k, i in ids.items() if i is not None and k != "unk"]
 
-    def _mask(self, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mask(self, x: torch.Tensor, seed: int, rows: slice = slice(None),
+              n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         from zerotune.data.mlm import mask_tokens
 
         g = torch.Generator().manual_seed(seed)
         return mask_tokens(x, vocab_size=self.info.vocab_size, mask_id=self.mask_id, special_ids=self.special,
-                           generator=g)
+                           generator=g, rows=rows, n=n)
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, _ = self.train.batch(step, self.batch_size, self.block_size, self.seed, self.sampling)
-        inputs, labels = self._mask(x, self.seed * 1_000_003 + step)
+    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = share(self.batch_size, rank, world_size)
+        x, _ = self.train.batch(step, self.batch_size, self.block_size, self.seed, self.sampling, rows=rows)
+        inputs, labels = self._mask(x, self.seed * 1_000_003 + step, rows, self.batch_size)
         return inputs.to(self.device), labels.to(self.device)
 
     def count(self, y: torch.Tensor) -> int:
-        return max(1, int((y != -100).sum()))
+        return int((y != -100).sum())
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(out.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
 
     @torch.no_grad()
-    def evaluate_split(self, model: nn.Module, split) -> dict[str, float]:
+    def eval_sums(self, model: nn.Module, split, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        """Summed loss, masked tokens and correct predictions (see LanguageModelTask.eval_sums)."""
         was_training = model.training
         model.eval()
         total, tokens, correct = 0.0, 0, 0
-        for i, (x, _) in enumerate(split.eval_batches(self.batch_size, self.block_size, self.eval_batches)):
-            inputs, labels = self._mask(x, 10_007 + i)
+        batches = split.eval_batches(self.batch_size, self.block_size, self.eval_batches, rank=rank,
+                                     world_size=world_size)
+        for j, (x, _) in enumerate(batches):
+            inputs, labels = self._mask(x, 10_007 + rank + j * world_size)  # seeded by the batch's index
             out = model(inputs.to(self.device))
             labels = labels.to(self.device)
             total += float(self.loss(out, labels))
             chosen = labels != -100
             tokens += int(chosen.sum())
             correct += int((out.argmax(-1)[chosen] == labels[chosen]).sum())
+        self._pad_forwards(model, split, rank, world_size)
         model.train(was_training)
+        return torch.tensor([total, tokens, correct], dtype=torch.float64)
+
+    def eval_result(self, sums: torch.Tensor) -> dict[str, float]:
+        total, tokens, correct = sums.tolist()
         loss = total / max(1, tokens)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / max(1, tokens)}
 
