@@ -161,6 +161,7 @@ def _worker(rank: int, root: Path, port: int) -> None:
     fsdp = {**DIST, "train": {**DIST["train"], "strategy": "fsdp"}}
     train(fsdp, out=root / "fsdp", log=quiet)
     train(resume=root / "single_cut", log=quiet)  # saved by 1 process (its config: strategy fsdp)
+    train(image_config(root, in_memory=False), out=root / "files", log=quiet)  # DDP, each rank decodes its rows
     par = D.Parallel(rank, 2, "fsdp", torch.device("cpu"), activation_checkpointing=True)
     model, state = train_blocks(par)
     result["sharded"] = [isinstance(m, FSDPModule) for m in (model, model.blocks[0], model.blocks[1], model.inp)]
@@ -255,13 +256,33 @@ def lm_two(lm_root) -> Path:
     return root
 
 
+def image_config(root: Path, in_memory: bool) -> dict:
+    """DIST on 300 digits written as PNG files (root/img), in memory or read from the files."""
+    return {**DIST, "data": {**DIST["data"], "train": f"images:{root / 'img'}", "in_memory": in_memory,
+                             "num_workers": 1}, "train": {**DIST["train"], "grad_accum": 1}}
+
+
+def write_digit_images(folder: Path, n: int = 300) -> None:
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i in range(n):
+        label = folder / str(digits.target[i])
+        label.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((digits.images[i] * 15).astype("uint8")).save(label / f"{i:04d}.png")
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> Path:
-    """The reference: one process (the config asks for fsdp, which one process ignores)."""
+    """The reference: one process (the config asks for fsdp, which one process ignores); and the
+    same for digit images held in memory."""
     root = tmp_path_factory.mktemp("dist")
     lines: list[str] = []
     train({**CFG, "train": {**CFG["train"], "strategy": "fsdp"}}, out=root / "single", log=lines.append)
     assert any("train.strategy fsdp has no effect" in ln for ln in lines)
+    write_digit_images(root / "img")
+    train(image_config(root, in_memory=True), out=root / "single_images", log=quiet)
     return root / "single"
 
 
@@ -286,6 +307,10 @@ def test_fsdp_matches_one_process(single, two):
         for k in ("loss", "val_loss", "val_accuracy"):
             if k in s:
                 assert r[k] == pytest.approx(s[k], abs=1e-5), (r["step"], k)
+
+
+def test_images_read_from_files_on_two_processes_match_one_process_in_memory(single, two):
+    assert_same_weights(two / "single_images", two / "files")
 
 
 def test_checkpoint_of_one_process_resumes_on_two(single, two):
