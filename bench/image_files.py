@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"train.num_threads={args.threads}", "train.log_every=1000000"]
         contenders = {"memory": ["data.in_memory=true"]}
         for w in [0, *args.workers]:
-            contenders[f"files, {w} workers"] = ["data.in_memory=false", f"data.num_workers={w}"]
+            contenders[f"files, {w} worker{'s' * (w != 1)}"] = ["data.in_memory=false", f"data.num_workers={w}"]
         wall = {name: [] for name in contenders}
         rate = {name: [] for name in contenders}
         weights = {}
