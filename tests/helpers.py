@@ -53,3 +53,18 @@ def write_digits_idx(directory: str | Path, size: int = 28, gz: bool = True) -> 
     write_idx(directory, images[:1500], labels[:1500], prefix="train", gz=gz)
     write_idx(directory, images[1500:], labels[1500:], prefix="t10k", gz=gz)
     return Path(directory)
+
+
+def write_char_shards(root: Path, text: str, docs: int, val_fraction: float) -> Path:
+    """``docs`` documents of ``text`` + "doc i" in root/docs, a character tokenizer trained on them
+    (root/tok, 64 ids) and their token shards (root/shards, returned)."""
+    from zerotune.data.shards import prepare
+    from zerotune.data.tokenizer import train_tokenizer
+
+    folder = root / "docs"
+    folder.mkdir()
+    for i in range(docs):
+        (folder / f"{i:02d}.txt").write_text(text + f"doc {i}\n")
+    train_tokenizer(f"text:{folder}", 64, root / "tok", kind="char", progress=False)
+    prepare(f"text:{folder}", root / "tok", root / "shards", val_fraction=val_fraction, progress=False)
+    return root / "shards"

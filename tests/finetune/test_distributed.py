@@ -23,10 +23,9 @@ import torch.multiprocessing as mp
 import yaml
 
 import zerotune
+from tests.helpers import write_char_shards
 from tests.train.test_distributed import cut, free_port
 from zerotune import cli
-from zerotune.data.shards import prepare
-from zerotune.data.tokenizer import train_tokenizer
 from zerotune.errors import ZerotuneError
 from zerotune.finetune.api import ADAPTER, finetune
 from zerotune.train import checkpoint as ckpt
@@ -39,12 +38,7 @@ quiet = lambda *a, **k: None
 
 def make_source(root: Path) -> tuple[Path, Path]:
     """Token shards and a tiny GPT run trained on them for one step (the SOURCE)."""
-    docs = root / "docs"
-    docs.mkdir()
-    for i in range(20):
-        (docs / f"{i:02d}.txt").write_text("the cat sat on the mat. " * 4 + f"doc {i}\n")
-    train_tokenizer(f"text:{docs}", 64, root / "tok", kind="char", progress=False)
-    prepare(f"text:{docs}", root / "tok", root / "shards", val_fraction=0.1, progress=False)
+    write_char_shards(root, "the cat sat on the mat. " * 4, 20, 0.1)
     # d_model 64: bitsandbytes' CPU kernels (qlora) need layer widths in multiples of 64. No biases: the
     # key bias has a true gradient of zero, and Adam magnifies the rounding in it (docs/distributed.md)
     cfg = {"seed": 0, "task": "causal_lm", "data": {"train": f"shards:{root / 'shards'}"},

@@ -28,10 +28,10 @@ import yaml
 from torch import nn
 
 from tests.conftest import tiny_config
+from tests.helpers import write_char_shards
 from zerotune import cli
 from zerotune.config import Config, load_config
-from zerotune.data.shards import ShardDataset, prepare
-from zerotune.data.tokenizer import train_tokenizer
+from zerotune.data.shards import ShardDataset
 from zerotune.errors import ZerotuneError
 from zerotune.train import checkpoint as ckpt
 from zerotune.train import distributed as D
@@ -240,12 +240,7 @@ def _lm_worker(rank: int, root: Path, port: int) -> None:
 def lm_root(tmp_path_factory) -> Path:
     """A folder with a character tokenizer (tok/) and token shards (shards/)."""
     root = tmp_path_factory.mktemp("dist_lm")
-    docs = root / "docs"
-    docs.mkdir()
-    for i in range(40):
-        (docs / f"{i:02d}.txt").write_text("the cat sat on the mat and the dog sat on the log. " * 3 + f"doc {i}\n")
-    train_tokenizer(f"text:{docs}", 64, root / "tok", kind="char", progress=False)
-    prepare(f"text:{docs}", root / "tok", root / "shards", val_fraction=0.2, progress=False)
+    write_char_shards(root, "the cat sat on the mat and the dog sat on the log. " * 3, 40, 0.2)
     return root
 
 

@@ -3,8 +3,7 @@ import json
 import pytest
 import torch
 
-from zerotune.data.shards import prepare
-from zerotune.data.tokenizer import train_tokenizer
+from tests.helpers import write_char_shards
 from zerotune.errors import ZerotuneError
 from zerotune.evaluate import evaluate
 from zerotune.generate import generate_text
@@ -17,14 +16,8 @@ QUIET = {"log": lambda *a: None}
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    docs = root / "docs"
-    docs.mkdir()
-    for i in range(40):  # the same short sentence over and over: a model can learn it exactly
-        (docs / f"{i:02d}.txt").write_text("the cat sat on the mat. " * 6 + f"doc {i}\n")
-    train_tokenizer(f"text:{docs}", 64, root / "tok", kind="char", progress=False)
-    prepare(f"text:{docs}", root / "tok", root / "shards", val_fraction=0.1, progress=False)
-    return root / "shards"
+    # the same short sentence over and over: a model can learn it exactly
+    return write_char_shards(tmp_path_factory.mktemp("corpus"), "the cat sat on the mat. " * 6, 40, 0.1)
 
 
 def lm_config(shards, **train_keys):
