@@ -269,3 +269,29 @@ def test_recipe_config_validates():
         load_config({"task": "sft", "sft": {"packing": "maybe"}})
     with pytest.raises(ZerotuneError, match=r"sft.template.bot: unknown key"):
         load_config({"task": "sft", "sft": {"template": {"bot": "x"}}})
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_validation_shares_add_up_to_one_process(char_tok, tmp_path, world):
+    """Each of W processes evaluates batches rank, rank + W, ...: their sums add up to the one-process
+    sums, and every process runs the same number of forwards (a short share pads with one)."""
+    from zerotune.models import build_model
+
+    rows = [{"instruction": f"q{i}" * (1 + i % 3), "output": f"a{i}"} for i in range(23)]
+    cfg = sft_config(write_jsonl(tmp_path / "d.jsonl", rows), tmp_path, data={"val_split": 0.4})
+    task = make_sft_task(cfg, char_tok)
+    assert len(task.val) == 9  # in batches of 3: 3 batches, so 2 processes get 2 and 1
+    torch.manual_seed(0)
+    model = build_model(cfg.model, task.info)
+    whole = task.eval_sums(model, task.val)
+    forwards, parts = [], []
+    for rank in range(world):
+        seen: list[int] = []
+        hook = model.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(1))
+        parts.append(task.eval_sums(model, task.val, rank, world))
+        hook.remove()
+        forwards.append(len(seen))
+    torch.testing.assert_close(sum(parts), whole, rtol=1e-12, atol=1e-9)
+    assert len(set(forwards)) == 1
+    assert task.eval_result(whole) == task.evaluate_split(model, task.val)
+    assert whole[1] > 0 and 0 <= whole[2] <= whole[1]

@@ -437,13 +437,20 @@ class SFTTask:
         return F.cross_entropy(out.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE,
                                reduction="sum")  # (B·T, V) vs (B·T,)
 
-    @torch.no_grad()
     def evaluate_split(self, model: nn.Module, data: SFTData) -> dict[str, float]:
         """Mean loss, perplexity and next-token accuracy over the answer tokens of ``data``."""
+        return self.eval_result(self.eval_sums(model, data))
+
+    @torch.no_grad()
+    def eval_sums(self, model: nn.Module, data: SFTData, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        """Summed loss, answer tokens and correct next-token predictions over the batches rank,
+        rank + W, ... of ``data``; summed over the W ranks they are the one-process sums. Every
+        rank runs the same number of forwards (FSDP): a short share ends with a dummy one."""
         was_training = model.training
         model.eval()
         total, tokens, correct = 0.0, 0, 0
-        for i in range(0, len(data), self.batch_size):
+        starts = range(0, len(data), self.batch_size)
+        for i in starts[rank::world_size]:
             width = int(data.lengths[i : i + self.batch_size].max())
             x = data.x[i : i + self.batch_size, :width].to(self.device)  # (B, T)
             y = data.y[i : i + self.batch_size, :width].to(self.device)  # (B, T)
@@ -452,7 +459,13 @@ class SFTTask:
             keep = y != IGNORE
             tokens += int(keep.sum())
             correct += int((out.argmax(-1) == y)[keep].sum())
+        if len(starts[rank::world_size]) < len(starts[0::world_size]):  # one batch fewer than rank 0
+            model(torch.zeros(1, 1, dtype=torch.long, device=self.device))
         model.train(was_training)
+        return torch.tensor([total, tokens, correct], dtype=torch.float64)
+
+    def eval_result(self, sums: torch.Tensor) -> dict[str, float]:
+        total, tokens, correct = sums.tolist()
         loss = total / max(1, tokens)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": correct / max(1, tokens)}
 

@@ -318,21 +318,19 @@ class Parallel:
     def evaluate_val(self, task, model: nn.Module) -> dict[str, float]:
         """The task's validation numbers, the same on every rank.
 
-        A supervised task's validation set is split across ranks and the outputs gathered; a
-        language model's evaluation batches are dealt out to the ranks and the sums of loss and
-        tokens all-reduced. Other tasks evaluate the whole set on every rank.
+        A supervised task's validation set is split across ranks and the outputs gathered; the
+        evaluation batches of a language model or an SFT task are dealt out to the ranks and their
+        sums (loss, tokens, ...) all-reduced.
         """
-        from zerotune.train.tasks import LanguageModelTask, SupervisedTask
+        from zerotune.train.tasks import SupervisedTask
 
         plain = self.unwrap(model)
         if self.world_size == 1:
             return task.evaluate_val(plain)
         if isinstance(task, SupervisedTask):
             return task.evaluate(plain, task.data.val, predict=self._predict)
-        if isinstance(task, LanguageModelTask):
-            sums = task.eval_sums(plain, task.val, self.rank, self.world_size).to(self._comm_device)
-            return task.eval_result(self.sum(sums).cpu())
-        return task.evaluate_val(plain)
+        sums = task.eval_sums(plain, task.val, self.rank, self.world_size).to(self._comm_device)
+        return task.eval_result(self.sum(sums).cpu())
 
     @torch.no_grad()
     def _predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
