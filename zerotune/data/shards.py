@@ -410,8 +410,6 @@ class ShardDataset:
         seed: int = 0,
         mode: str = "random",
         *,
-        rank: int = 0,
-        world_size: int = 1,
         rows: slice = slice(None),
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The training batch for one step: ``x`` (B, T) token ids and ``y`` = x shifted by one.
@@ -423,9 +421,8 @@ class ShardDataset:
             seed: the run's data seed.
             mode: ``random`` (windows at uniformly drawn offsets) or ``sequential``
                 (consecutive non-overlapping windows, wrapping around at the end).
-            rank: this process's rank; each rank draws its own rows.
-            world_size: number of processes sharing the step.
-            rows: only these rows of the batch are read (the window offsets of all B are drawn).
+            rows: only these rows of the batch are read (the window offsets of all B are drawn);
+                several processes each read their share of the same batch this way.
 
         Returns:
             ``(x, y)`` LongTensors of shape (B, T), B the number of rows read.
@@ -434,10 +431,10 @@ class ShardDataset:
             raise ZerotuneError(f"batch_size must be positive, got {batch_size}")
         n_windows = self._n_windows(block_size)
         if mode == "random":
-            rng = np.random.default_rng([seed, step, rank])
+            rng = np.random.default_rng([seed, step, 0])  # (the 0 keeps the windows that saved runs were trained on)
             starts = rng.integers(0, self.n_tokens - block_size, size=batch_size)  # last start n - T - 1
         elif mode == "sequential":
-            first = (step * world_size + rank) * batch_size
+            first = step * batch_size
             starts = (np.arange(first, first + batch_size) % n_windows) * block_size
         else:
             raise ZerotuneError(f"unknown batch mode {mode!r}; choose random or sequential")
