@@ -115,8 +115,9 @@ def _export_safetensors(loaded, model: nn.Module, folder: Path, merged: bool) ->
 
 
 def plain_meta(meta: dict, merged: bool) -> dict:
-    """model.json for a model saved whole in float, LoRA adapters merged into it (if ``merged``)."""
+    """model.json for a model saved whole in float: LoRA merged (if ``merged``), int8 weights dequantized."""
     meta = dict(meta)
+    meta.pop("quantization", None)  # load_run dequantized the weights; they are written back in float
     if merged:  # now a plain model: model.safetensors holds everything, nothing to rebuild from a base
         meta["merged_from"] = meta["method"]
         meta["method"] = "full"
