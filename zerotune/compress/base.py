@@ -76,7 +76,7 @@ def output_folder(source: Path, out: str | Path | None, suffix: str, overwrite: 
     """
     source = Path(source)
     root = Path(out) if out else source.with_name(source.name + suffix)
-    if root.resolve() == source.resolve() or root.resolve().is_relative_to(source.resolve()):
+    if root.resolve().is_relative_to(source.resolve()):
         raise ZerotuneError("--out: the source run is never modified; choose a folder outside it", path=root)
     if root.exists() and not root.is_dir():
         raise ZerotuneError("exists and is not a folder", path=root)
@@ -103,13 +103,13 @@ def scalar_metrics(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
 
 
-def compare(before: dict[str, Any], run: Run, data: str | None, details: dict[str, Any],
+def compare(source: Path, before: dict[str, Any], run: Run, data: str | None, details: dict[str, Any],
             label: str, log: Callable[[str], None]) -> dict[str, Any]:
     """Evaluate the new run (writing its eval.json), write compress.json, log the two-row table."""
     from zerotune.evaluate import evaluate
 
     after = scalar_metrics(evaluate(run.root, data=data))
-    report = {"source": str(details.pop("source")), **details, "before": before, "after": after}
+    report = {"source": str(source), **details, "before": before, "after": after}
     atomic_write_text(run.root / "compress.json", json.dumps(report, indent=1))
     log(table({"source": before, label: after}))
     return report

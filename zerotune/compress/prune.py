@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,7 +37,7 @@ SCOPES = ("layer", "global")
 
 
 def check_amount(amount: float) -> None:
-    if not isinstance(amount, (int, float)) or not 0 <= amount < 1:  # NaN fails the comparison too
+    if not isinstance(amount, numbers.Real) or not 0 <= amount < 1:  # NaN fails the comparison too
         raise ZerotuneError(f"--amount: expected a fraction in [0, 1), got {amount!r}")
 
 
@@ -124,8 +125,7 @@ def prune(run: str | Path, amount: float = 0.5, scope: str = "layer", out: str |
     new = write_run(loaded, root, model.state_dict(), meta, overwrite)
     log(f"pruned {len(layers)} weight tensors: {zeros:,} of {total:,} weights are zero ({zeros / total:.1%}), "
         f"scope {scope}")
-    compare(before, new, data, {"source": loaded.run.root, "method": "prune", "pruning": meta["pruning"]},
-            "pruned", log)
+    compare(loaded.run.root, before, new, data, {"method": "prune", "pruning": meta["pruning"]}, "pruned", log)
     log(f"written: {new.root} (metrics in compress.json)")
     return new.root
 

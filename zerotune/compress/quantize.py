@@ -131,8 +131,8 @@ def quantize(run: str | Path, bits: int = 8, out: str | Path | None = None, over
         f"({quantized_before / quantized_after:.2f}x smaller)")
     what = f"model.safetensors {_mb(sizes['source_file'])}" if source_file else f"float weights {_mb(float_bytes)}"
     log(f"{what} -> model.safetensors {_mb(sizes['quantized_file'])}")
-    compare(before, new, data, {"source": loaded.run.root, "method": "quantize", "bits": bits, "sizes": sizes,
-                                "quantization": meta["quantization"]}, "int8", log)
+    compare(loaded.run.root, before, new, data, {"method": "quantize", "bits": bits, "sizes": sizes,
+                                                 "quantization": meta["quantization"]}, "int8", log)
     log(f"written: {new.root} (metrics and sizes in compress.json); compute runs in float after loading")
     return new.root
 
