@@ -10,8 +10,10 @@ from safetensors.torch import load_file
 
 import zerotune
 from tests.compress.conftest import QUIET, snapshot
+from tests.conftest import tiny_config
 from zerotune import cli
 from zerotune.compress.base import scalar_metrics
+from zerotune.compress.prune import prune
 from zerotune.compress.quantize import dequantize_state_dict, dequantize_tensor, quantize, quantize_tensor
 from zerotune.errors import ZerotuneError
 from zerotune.run import load_run
@@ -139,3 +141,16 @@ def test_not_a_run_folder_and_existing_out(digits_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "--overwrite" in err
     assert snapshot(out) == {"keep.txt": b"mine"} and snapshot(digits_run) == source
+
+
+def test_cnn_run_conv_weights_quantized_and_pruned_per_output_channel(tmp_path):
+    cfg = tiny_config(epochs=1) | {"model": {"arch": "cnn", "channels": [4], "hidden": [8]}}
+    run = zerotune.train(cfg, out=tmp_path / "cnn", **QUIET)
+    conv = next(name for name, m in load_run(run).model.named_modules() if isinstance(m, torch.nn.Conv2d))
+    stored = load_file(quantize(run, **QUIET) / "model.safetensors")
+    q, s = stored[f"{conv}.weight"], stored[f"{conv}.weight.scale"]
+    assert q.dtype == torch.int8 and q.shape[:2] == (4, 1) and s.shape == (4,)
+    assert (q.flatten(1).abs().amax(1) == 127).all()  # each output channel's largest |w| maps to ±127
+    pruned = prune(run, amount=0.25, **QUIET)
+    assert json.loads((pruned / "model.json").read_text())["pruning"]["tensors"][f"{conv}.weight"] == 9 / 36  # 4·1·3·3
+    assert "accuracy" in zerotune.evaluate(tmp_path / "cnn-int8")
