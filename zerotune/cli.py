@@ -97,6 +97,21 @@ def _export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _prune(a: argparse.Namespace) -> int:
+    from zerotune.compress import prune
+
+    prune(a.run, amount=a.amount, scope=a.scope, out=a.out, overwrite=a.overwrite,
+          include_embeddings=a.include_embeddings, data=a.data)
+    return 0
+
+
+def _quantize(a: argparse.Namespace) -> int:
+    from zerotune.compress import quantize
+
+    quantize(a.run, bits=a.bits, out=a.out, overwrite=a.overwrite, data=a.data)
+    return 0
+
+
 def _evaluate(a: argparse.Namespace) -> int:
     from zerotune.evaluate import evaluate
 
@@ -229,6 +244,48 @@ def build_parser() -> Parser:
     s.add_argument("--out", help="folder to write (default RUN/export-FORMAT)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     s.set_defaults(fn=_export)
+
+    s = sub.add_parser("prune", help="zero the smallest weights of a run (magnitude pruning) into a new run",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Zero the fraction --amount of the Linear/Conv weights with the smallest |w| "
+                       "(not biases, norms,\nembeddings or a language model's output head) and write a new run "
+                       "that every verb opens.\nLoRA runs are merged first. Prints the metrics of the source and "
+                       "the pruned model on the\nrun's held-out split (language models: val perplexity) and writes "
+                       "them to DIR/compress.json.",
+                       epilog="examples:\n"
+                       "  zerotune prune runs/digits_mlp --amount 0.5\n"
+                       "  zerotune prune runs/digits_mlp --amount 0.8 --scope global --out runs/mlp-80\n"
+                       "  zerotune prune runs/pydoc_gpt_tiny --amount 0.3 --overwrite")
+    s.add_argument("run", help="run folder (only read)")
+    s.add_argument("--amount", type=float, required=True, help="fraction of the weights to zero, in [0, 1)")
+    s.add_argument("--scope", default="layer", choices=["layer", "global"],
+                   help="layer: that fraction of each weight tensor (default); global: one threshold over all")
+    s.add_argument("--include-embeddings", action="store_true",
+                   help="also prune the embeddings and a language model's output head")
+    s.add_argument("--data", metavar="SPEC", help="compare on this data spec instead of the run's held-out split")
+    s.add_argument("--out", help="the new run folder (default RUN-pruned)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    s.set_defaults(fn=_prune)
+
+    s = sub.add_parser("quantize", help="store a run's weights in int8 (weight-only) as a new run",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Quantize the Linear/Conv weights (not biases, norms, embeddings or a language "
+                       "model's output\nhead) to int8, symmetric, one scale per output channel: "
+                       "q = round(w / s), s = max|w_row| / 127.\n"
+                       "The new run stores int8 weights plus float scales (about 4x smaller for those tensors); every\n"
+                       "verb opens it by dequantizing (w = q * s), so compute runs in float after loading. LoRA runs\n"
+                       "are merged first. Prints the file sizes and the metrics of the source and the int8 model on\n"
+                       "the run's held-out split (language models: val perplexity); writes them to DIR/compress.json.",
+                       epilog="examples:\n"
+                       "  zerotune quantize runs/digits_mlp\n"
+                       "  zerotune quantize runs/pydoc_gpt_tiny --out runs/gpt-int8\n"
+                       "  zerotune generate runs/gpt-int8 --prompt 'The with statement' --max-new-tokens 40")
+    s.add_argument("run", help="run folder (only read)")
+    s.add_argument("--bits", type=int, default=8, help="bits per weight (only 8 is supported)")
+    s.add_argument("--data", metavar="SPEC", help="compare on this data spec instead of the run's held-out split")
+    s.add_argument("--out", help="the new run folder (default RUN-int8)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    s.set_defaults(fn=_quantize)
 
     s = sub.add_parser("evaluate", help="metrics of a trained run on its test split or other data",
                        description="Writes RUN/eval.json and RUN/plots/confusion_matrix.png.")

@@ -4,7 +4,8 @@
     checkpoints/         step-NNNNNN/ (latest few) and best/, atomic (see zerotune.train.checkpoint)
     model.safetensors    final weights
     model.json           what rebuilds the model: task, model config, data description,
-                         normalisation, label names
+                         normalisation, label names (and ``pruning`` / ``quantization`` for a
+                         compressed run: int8 weights are dequantized on loading)
     tokenizer.json       for text models
     metrics.jsonl        one object per logged step
     tb/                  TensorBoard events
@@ -122,6 +123,16 @@ def read_model_json(run: Run) -> dict[str, Any]:
     return meta
 
 
+def read_weights(run: Run, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """model.safetensors as float tensors: a quantized run's int8 weights dequantized (w = q · scale)."""
+    tensors = load_weights(run.weights)
+    if "quantization" in meta:
+        from zerotune.compress.quantize import dequantize_state_dict
+
+        tensors = dequantize_state_dict(tensors, meta["quantization"], run.weights)
+    return tensors
+
+
 @dataclass
 class LoadedRun:
     run: Run
@@ -165,7 +176,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
             model = rebuild_model(run, meta, info)
         else:
             model = build_model(cfg, info)
-            load_state_dict_checked(model, load_weights(run.weights), run.weights)
+            load_state_dict_checked(model, read_weights(run, meta), run.weights)
     except ZerotuneError as e:
         if e.path is not None:
             raise

@@ -70,11 +70,19 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", plot
     """Evaluate a run; write ``RUN/eval.json`` (and the confusion matrix plot) and return the metrics.
 
     Classification: loss, accuracy, precision, recall, f1 (macro), top-5 accuracy, AUROC, per-class
-    scores and the confusion matrix. Regression: loss, mse, mae, r2. Always ``split`` and ``n``.
+    scores and the confusion matrix. Regression: loss, mse, mae, r2. Language models: loss and
+    perplexity on the val split of their shards. Always ``split`` and ``n``.
     """
     if split not in ("test", "val", "train"):
         raise ZerotuneError(f"--split: expected test, val or train, got {split!r}")
     loaded = load_run(run)
+    result = measure(loaded, data, split, plots)
+    atomic_write_text(loaded.run.eval_json, json.dumps(result, indent=1))
+    return result
+
+
+def measure(loaded: LoadedRun, data: str | None = None, split: str = "test", plots: bool = False) -> dict[str, Any]:
+    """The metrics :func:`evaluate` reports, for a loaded run, without writing eval.json (plots only if asked)."""
     info = loaded.info
     if loaded.meta["task"] in ("causal_lm", "masked_lm"):
         return evaluate_language_model(loaded, data)
@@ -104,7 +112,6 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", plot
         pred, y = pre.y_inverse(out.reshape(examples.y.shape)), pre.y_inverse(examples.y)
         result["loss"] = float(torch.nn.functional.mse_loss(out.reshape(examples.y.shape), examples.y))
         result |= M.regression_metrics(pred, y, REGRESSION_METRICS)
-    atomic_write_text(loaded.run.eval_json, json.dumps(result, indent=1))
     return result
 
 
@@ -124,9 +131,7 @@ def evaluate_language_model(loaded: LoadedRun, data: str | None = None) -> dict[
     if task.info.vocab_size > loaded.info.vocab_size:
         raise ZerotuneError(f"the shards' vocabulary ({task.info.vocab_size}) is larger than the model's "
                             f"({loaded.info.vocab_size}); they were made with another tokenizer", path=folder)
-    result = {"split": f"{spec} (val)", "n": task.val.n_tokens} | task.evaluate_val(loaded.model)
-    atomic_write_text(loaded.run.eval_json, json.dumps(result, indent=1))
-    return result
+    return {"split": f"{spec} (val)", "n": task.val.n_tokens} | task.evaluate_val(loaded.model)
 
 
 def evaluate_instructions(loaded: LoadedRun, data: str | None = None) -> dict[str, Any]:
@@ -141,9 +146,7 @@ def evaluate_instructions(loaded: LoadedRun, data: str | None = None) -> dict[st
     if not task.has_val:
         raise ZerotuneError("the run has no held-out instructions (set data.val or data.val_split)",
                             path=loaded.run.root)
-    result = {"split": f"{data} (all)" if data else "val"} | task.evaluate_val(loaded.model)
-    atomic_write_text(loaded.run.eval_json, json.dumps(result, indent=1))
-    return result
+    return {"split": f"{data} (all)" if data else "val"} | task.evaluate_val(loaded.model)
 
 
 def plot_confusion_matrix(cm: torch.Tensor, classes: list[str], path: Path) -> None:

@@ -54,7 +54,7 @@ from zerotune.finetune.heads import SequenceClassifier, replace_head
 from zerotune.models.bert import BERTMaskedLM
 from zerotune.models.gpt import GPT, GPTConfig
 from zerotune.models.init import init_weights
-from zerotune.run import Run, create_run, open_run, open_shared_run, read_model_json
+from zerotune.run import Run, create_run, open_run, open_shared_run, read_model_json, read_weights
 from zerotune.train import checkpoint as ckpt
 from zerotune.train.checkpoint import atomic_write_text, save_weights
 from zerotune.train.loop import pick_device, seed_everything, train_loop
@@ -471,7 +471,7 @@ def rebuild_model(run: Run, meta: dict[str, Any], info: DataInfo) -> nn.Module:
         return model
     cfg = GPTConfig.model_validate(meta["model"])
     model = SequenceClassifier(_gpt_body(GPT(cfg)), cfg.d_model, info.n_outputs, pooling or "last", info.pad_id)
-    load_state_dict_checked(model, load_weights(run.weights), run.weights)
+    load_state_dict_checked(model, read_weights(run, meta), run.weights)
     return model
 
 

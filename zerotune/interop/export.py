@@ -105,18 +105,25 @@ def _check_hf(model: nn.Module, arch: str, root: Path) -> None:
 
 def _export_safetensors(loaded, model: nn.Module, folder: Path, merged: bool) -> Path:
     run = loaded.run
-    meta = dict(loaded.meta)
-    if merged:  # now a plain model: model.safetensors holds everything, nothing to rebuild from a base
-        meta["method"] = "full"
-        meta["merged_from"] = loaded.meta["method"]
-        for key in ("lora", "qlora_bits"):
-            meta.pop(key, None)
+    meta = plain_meta(loaded.meta, merged)
     save_weights(folder / "model.safetensors", model.state_dict(), metadata={"format": "pt"})
     shutil.copyfile(run.config, folder / "config.yaml")
     if run.tokenizer.is_file():
         shutil.copyfile(run.tokenizer, folder / "tokenizer.json")
     atomic_write_text(folder / "model.json", json.dumps(meta, indent=1))  # last: the export is complete
     return folder
+
+
+def plain_meta(meta: dict, merged: bool) -> dict:
+    """model.json for a model saved whole in float: LoRA merged (if ``merged``), int8 weights dequantized."""
+    meta = dict(meta)
+    meta.pop("quantization", None)  # load_run dequantized the weights; they are written back in float
+    if merged:  # now a plain model: model.safetensors holds everything, nothing to rebuild from a base
+        meta["merged_from"] = meta["method"]
+        meta["method"] = "full"
+        for key in ("lora", "qlora_bits"):
+            meta.pop(key, None)
+    return meta
 
 
 def _save_fast_tokenizer(tokenizer, folder: Path, ids: dict) -> None:
@@ -129,4 +136,4 @@ def _save_fast_tokenizer(tokenizer, folder: Path, ids: dict) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-__all__ = ["export", "FORMATS"]
+__all__ = ["export", "plain_meta", "FORMATS"]
