@@ -193,3 +193,18 @@ def test_qlora_method_through_the_finetune_verb_on_minilm(tmp_path):
     assert (run / "adapter.safetensors").stat().st_size < 2_000_000
     assert not (run / "model.safetensors").exists()
     assert 0.0 <= evaluate(run)["accuracy"] <= 1.0
+
+
+def test_dequantize_after_an_eval_forward(bits=4):
+    """An eval forward may repack a 4-bit weight for bitsandbytes' CPU kernel; dequantizing still
+    gives the weight the layer computes with (read off the layer's outputs on the identity)."""
+    from zerotune.finetune.qlora import dequantize_weight
+
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 128, bias=False))
+    quantize_for_qlora(layer, bits, skip=())
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(2, 8, 64))  # may repack (AVX512-BF16 CPUs)
+        seen = layer(torch.eye(64)).T  # (out, in): the weight the layer applies
+        w = dequantize_weight(layer[0])
+    torch.testing.assert_close(w, seen, rtol=0, atol=1e-2 * float(w.abs().max()))

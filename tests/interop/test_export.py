@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -80,3 +81,21 @@ def test_classic_net_exports_safetensors_only(tmp_path):
         torch.testing.assert_close(load_run(folder).model(x), load_run(run).model(x), rtol=0, atol=0)
     with pytest.raises(ZerotuneError, match="--format: expected one of hf, safetensors, got 'onnx'"):
         export(run, "onnx", tmp_path / "x")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="qlora needs bitsandbytes")
+def test_qlora_run_exports_dequantized_and_merged(tmp_path):
+    """The 4-bit base goes back to float before the adapters merge: the export computes what the run does."""
+    from tests.finetune.test_distributed import LORA, ft_config, make_source
+
+    source, shards = make_source(tmp_path)
+    run = finetune(ft_config(shards, **LORA), source, method="qlora", out=tmp_path / "run", **QUIET)
+    folder = export(run, "safetensors", tmp_path / "st")
+    meta = json.loads((folder / "model.json").read_text())
+    assert meta["method"] == "full" and meta["merged_from"] == "qlora" and "qlora_bits" not in meta
+    idx = torch.randint(0, 12, (2, 8), generator=torch.Generator().manual_seed(0))
+    # the run's model in train mode (no dropout in this config): bitsandbytes then computes in fp32;
+    # in eval mode its CPU kernel may switch to bf16 and differ by ~1e-3 from any fp32 model
+    qlora = load_run(run).model.train()
+    with torch.no_grad():
+        torch.testing.assert_close(load_run(folder).model(idx), qlora(idx), rtol=0, atol=1e-4)

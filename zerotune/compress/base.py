@@ -22,26 +22,10 @@ import torch
 from torch import nn
 
 from zerotune.errors import ZerotuneError
-from zerotune.run import LoadedRun, Run, create_run, load_run
+from zerotune.run import LoadedRun, Run, create_run
 from zerotune.train.checkpoint import atomic_write_text, save_weights
 
 WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def load_plain(run: str | Path) -> tuple[LoadedRun, dict[str, Any]]:
-    """The run loaded with its LoRA adapters merged, and the model.json of that plain model."""
-    from zerotune.finetune.lora import lora_layers, unwrap_lora
-    from zerotune.interop.export import plain_meta
-
-    loaded = load_run(run)
-    merged = bool(lora_layers(loaded.model))
-    if merged:
-        if loaded.meta.get("method") == "qlora":  # the base is 4/8-bit: back to nn.Linear before merging
-            from zerotune.finetune.qlora import dequantize_model
-
-            dequantize_model(loaded.model)
-        unwrap_lora(loaded.model)
-    return loaded, plain_meta(loaded.meta, merged)
 
 
 def weight_layers(model: nn.Module, include_embeddings: bool = False) -> dict[str, nn.Module]:
@@ -128,4 +112,4 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + f"\non {first.get('split')} (n = {first.get('n')})"
 
 
-__all__ = ["load_plain", "weight_layers", "output_folder", "write_run", "scalar_metrics", "compare", "table"]
+__all__ = ["weight_layers", "output_folder", "write_run", "scalar_metrics", "compare", "table"]

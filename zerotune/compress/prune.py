@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 
-from zerotune.compress.base import compare, load_plain, output_folder, scalar_metrics, weight_layers, write_run
+from zerotune.compress.base import compare, output_folder, scalar_metrics, weight_layers, write_run
 from zerotune.errors import ZerotuneError
+from zerotune.interop.export import load_plain
 
 SCOPES = ("layer", "global")
 

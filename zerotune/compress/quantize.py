@@ -29,8 +29,9 @@ from typing import Any
 
 import torch
 
-from zerotune.compress.base import compare, load_plain, output_folder, scalar_metrics, weight_layers, write_run
+from zerotune.compress.base import compare, output_folder, scalar_metrics, weight_layers, write_run
 from zerotune.errors import ZerotuneError
+from zerotune.interop.export import load_plain
 
 BITS = (8,)
 QMAX = 127

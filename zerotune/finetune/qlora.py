@@ -191,6 +191,12 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
     bnb = _bnb()
     w = module.weight
     if isinstance(module, bnb.nn.Linear4bit):
+        if getattr(w.quant_state, "packing_format_for_cpu", False):
+            # an eval-mode forward on a CPU with AVX512-BF16 repacked the weight for bitsandbytes'
+            # CPU kernel: back to the standard layout first, as bitsandbytes' own state_dict does
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
         return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
     if isinstance(module, bnb.nn.Linear8bitLt):
         return w.data.float() * (_row_scales(module).float()[:, None] / 127.0)  # (out, in) int8 codes × row scale

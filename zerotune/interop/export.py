@@ -31,7 +31,7 @@ from zerotune.finetune.heads import SequenceClassifier
 from zerotune.finetune.lora import lora_layers, unwrap_lora
 from zerotune.models.bert import BERT, BERTMaskedLM
 from zerotune.models.gpt import GPT
-from zerotune.run import create_run, load_run
+from zerotune.run import LoadedRun, create_run, load_run
 from zerotune.train.checkpoint import atomic_write_text, save_weights
 
 FORMATS = ("hf", "safetensors")
@@ -56,17 +56,14 @@ def export(run: str | Path, format: str = "hf", out: str | Path | None = None, o
     """
     if format not in FORMATS:
         raise ZerotuneError(f"--format: expected one of {', '.join(FORMATS)}, got {format!r}")
-    loaded = load_run(run)
+    loaded, meta = load_plain(run)
     model = loaded.model
-    merged = bool(lora_layers(model))
-    if merged:
-        unwrap_lora(model)  # our own freshly loaded copy: merge in place
-    arch = loaded.meta["model"]["arch"]
+    arch = meta["model"]["arch"]
     if format == "hf":
         _check_hf(model, arch, loaded.run.root)
     folder = create_run(out or loaded.run.root / f"export-{format}", overwrite).root
     if format == "safetensors":
-        return _export_safetensors(loaded, model, folder, merged)
+        return _export_safetensors(loaded, meta, folder)
     if isinstance(model, GPT):
         from zerotune.data.tokenizer import special_ids
         from zerotune.interop.hf_decoder import export_hf_decoder
@@ -103,15 +100,28 @@ def _check_hf(model: nn.Module, arch: str, root: Path) -> None:
                             path=root)
 
 
-def _export_safetensors(loaded, model: nn.Module, folder: Path, merged: bool) -> Path:
+def _export_safetensors(loaded, meta: dict, folder: Path) -> Path:
     run = loaded.run
-    meta = plain_meta(loaded.meta, merged)
-    save_weights(folder / "model.safetensors", model.state_dict(), metadata={"format": "pt"})
+    save_weights(folder / "model.safetensors", loaded.model.state_dict(), metadata={"format": "pt"})
     shutil.copyfile(run.config, folder / "config.yaml")
     if run.tokenizer.is_file():
         shutil.copyfile(run.tokenizer, folder / "tokenizer.json")
     atomic_write_text(folder / "model.json", json.dumps(meta, indent=1))  # last: the export is complete
     return folder
+
+
+def load_plain(run: str | Path) -> tuple[LoadedRun, dict]:
+    """The run loaded as a plain float model, and its model.json: LoRA adapters merged in place
+    (W ← W + (α/r) B A; a QLoRA base is dequantized first), int8 weights already dequantized."""
+    loaded = load_run(run)
+    merged = bool(lora_layers(loaded.model))
+    if merged:
+        if loaded.meta.get("method") == "qlora":  # the base is 4/8-bit: back to nn.Linear before merging
+            from zerotune.finetune.qlora import dequantize_model
+
+            dequantize_model(loaded.model)
+        unwrap_lora(loaded.model)
+    return loaded, plain_meta(loaded.meta, merged)
 
 
 def plain_meta(meta: dict, merged: bool) -> dict:
