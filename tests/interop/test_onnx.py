@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import zerotune
+from tests.finetune.test_api import text_config, write_text_csv
 from tests.test_text_classification import write_reviews
 from zerotune.cli import main
 from zerotune.config import load_config
@@ -124,6 +125,23 @@ def test_bert_classifier_with_attention_mask(tmp_path):
         with torch.no_grad():
             want = loaded.model(ids)  # zerotune finds the padding from the pad id
         got = onnx_run(out, input_ids=ids, attention_mask=(ids != pad).long())
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_minilm_lora_classifier_is_merged(tmp_path):
+    """The pretrained 22M-parameter encoder with LoRA on query/value and a new head (a few seconds)."""
+    cfg = text_config(write_text_csv(tmp_path / "reviews.csv"), lora={"r": 4, "alpha": 8})
+    cfg["train"]["max_steps"] = 1
+    run = finetune(cfg, "minilm", method="lora", out=tmp_path / "run", **QUIET)
+    out = export(run, "onnx", tmp_path / "onnx")
+    assert json.loads((out / "model.json").read_text())["merged_from"] == "lora"
+    model = load_run(run).model  # base + unmerged adapters
+    for batch, length in ((2, 8), (3, 11)):
+        ids = torch.randint(1000, 30000, (batch, length), generator=torch.Generator().manual_seed(length))
+        ids[:, 0], ids[-1, 5:] = 101, 0  # [CLS] first; the last row padded
+        with torch.no_grad():
+            want = model(ids)
+        got = onnx_run(out, input_ids=ids, attention_mask=(ids != 0).long())
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
 
