@@ -194,6 +194,22 @@ def test_lora_run_is_merged_into_the_graph(gpt_run, tmp_path):
     check_decoder(run, out)  # the run's own model is base + unmerged adapters
 
 
+def test_bert_masked_lm(gpt_run, tmp_path):
+    shards = load_config(gpt_run / "config.yaml").data.train
+    cfg = {"seed": 0, "task": "masked_lm", "data": {"train": shards, "max_length": 16},
+           "model": {"arch": "bert", "hidden": 16, "layers": 1, "heads": 2, "intermediate": 32}, "train": STEPS}
+    run = zerotune.train(cfg, out=tmp_path / "run", **QUIET)
+    out = export(run, "onnx", tmp_path / "onnx")
+    model = load_run(run).model
+    for batch, length in ((2, 5), (3, 19)):
+        ids = torch.randint(1, 300, (batch, length), generator=torch.Generator().manual_seed(length))
+        mask = torch.ones_like(ids)
+        mask[0, 3:] = 0  # one row with padding at the end
+        with torch.no_grad():
+            want = model(ids, attention_mask=mask)
+        torch.testing.assert_close(onnx_run(out, input_ids=ids, attention_mask=mask), want, rtol=0, atol=1e-4)
+
+
 # ---------------------------------------------------------------- bad input, through the command line
 
 

@@ -13,9 +13,7 @@ What is folded into the graph, so that onnxruntime on raw inputs gives ``zerotun
         regression:     values (batch, 1) in the data's units, y = y' · y_std + y_mean
     sequence classifiers / regressors (BERT or GPT body + pooled head)
         input_ids, attention_mask (batch, seq) int64   →   logits or values as above
-    token classifiers    input_ids, attention_mask   →   logits (batch, seq, classes)
     BERT masked LM       input_ids, attention_mask   →   logits (batch, seq, vocab)
-    BERT encoder         input_ids, attention_mask   →   last_hidden_state (batch, seq, hidden)
     GPT decoders (causal_lm, sft)   input_ids (batch, seq) int64   →   logits (batch, seq, vocab);
                                     no KV cache: each call reads the whole sequence
 
@@ -41,7 +39,7 @@ import torch
 from torch import nn
 
 from zerotune.errors import ZerotuneError
-from zerotune.finetune.heads import SequenceClassifier, TokenClassifier
+from zerotune.finetune.heads import SequenceClassifier
 from zerotune.models.bert import BERT, BERTMaskedLM
 from zerotune.models.gpt import GPT
 from zerotune.models.rnn import RNNClassifier
@@ -155,12 +153,8 @@ def _graph_for(loaded: LoadedRun, model: nn.Module) -> tuple[nn.Module, tuple, l
         return Decoder(model), (example_ids,), [ids], outputs
     if isinstance(model, SequenceClassifier):
         out = {"name": "values" if regression else "logits", "dtype": "float32", "shape": ["batch", info.n_outputs]}
-    elif isinstance(model, TokenClassifier):
-        out = {"name": "logits", "dtype": "float32", "shape": ["batch", "seq", model.head.out_features]}
     elif isinstance(model, BERTMaskedLM):
         out = {"name": "logits", "dtype": "float32", "shape": ["batch", "seq", model.body.config.vocab_size]}
-    elif isinstance(model, BERT):
-        out = {"name": "last_hidden_state", "dtype": "float32", "shape": ["batch", "seq", model.config.hidden]}
     else:
         raise ZerotuneError(f"--format onnx: a {type(model).__name__} on token ids cannot be exported",
                             path=loaded.run.root)
