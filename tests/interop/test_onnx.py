@@ -240,3 +240,14 @@ def test_missing_packages(mlp_run, tmp_path, capsys, monkeypatch):
     assert one_line(capsys) == ("error: --format onnx needs the onnx and onnxscript packages: "
                                 "pip install 'zerotune[onnx]'")
     assert not (tmp_path / "x").exists()
+
+
+def test_exporter_failure_leaves_nothing(mlp_run, tmp_path, capsys, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("unsupported operator\n(a long report follows)")
+
+    monkeypatch.setattr(torch.onnx, "export", fail)
+    assert main(["export", str(mlp_run), "--format", "onnx", "--out", str(tmp_path / "x")]) == 2
+    assert one_line(capsys).endswith("--format onnx: torch.onnx could not export this model "
+                                     "(RuntimeError: unsupported operator)")
+    assert not (tmp_path / "x").exists()

@@ -111,6 +111,7 @@ def export_onnx(loaded: LoadedRun, model: nn.Module, out: Path, overwrite: bool,
                               input_names=names, output_names=[o["name"] for o in outputs], dynamic_shapes=dims,
                               external_data=params > EXTERNAL_DATA_BYTES, verbose=False)
     except Exception as e:  # the exporter's own errors are long reports: keep their first line
+        shutil.rmtree(folder)  # no half-written export left behind
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ZerotuneError(f"--format onnx: torch.onnx could not export this model ({type(e).__name__}: "
                             f"{first})", path=loaded.run.root) from None
@@ -122,8 +123,8 @@ def export_onnx(loaded: LoadedRun, model: nn.Module, out: Path, overwrite: bool,
             shutil.copyfile(loaded.run.root / name, folder / name)
     meta = {"format": "onnx", "opset": OPSET, "exporter": "torch.onnx.export(dynamo=True)",
             "task": loaded.meta["task"], "arch": loaded.meta["model"]["arch"], "inputs": inputs, "outputs": outputs,
-            "normalisation": "in the graph: feed raw inputs" if isinstance(wrapper, RawFeatures) else None,
-            "classes": list(info.classes), "data_info": info.to_dict(), "source_run": str(loaded.run.root)}
+            "preprocess": _preprocess_note(wrapper), "classes": list(info.classes), "data_info": info.to_dict(),
+            "source_run": str(loaded.run.root)}
     if merged:
         meta["merged_from"] = loaded.meta["method"]
     atomic_write_text(folder / "model.json", json.dumps(meta, indent=1))  # last: the export is complete
@@ -159,6 +160,15 @@ def _graph_for(loaded: LoadedRun, model: nn.Module) -> tuple[nn.Module, tuple, l
         raise ZerotuneError(f"--format onnx: a {type(model).__name__} on token ids cannot be exported",
                             path=loaded.run.root)
     return RawTokens(model, pre, regression), (example_ids, torch.ones_like(example_ids)), [ids, mask], [out]
+
+
+def _preprocess_note(wrapper: nn.Module) -> str:
+    """How to feed the graph, for model.json."""
+    if isinstance(wrapper, Decoder):
+        return "none: feed token ids from tokenizer.json"
+    note = ("in the graph: feed raw features, (x - mean) / std is applied inside" if isinstance(wrapper, RawFeatures)
+            else "none: feed token ids from tokenizer.json and attention_mask (1 real, 0 padding)")
+    return note + ("; values come back in the data's units" if wrapper.regression else "")
 
 
 @contextlib.contextmanager
