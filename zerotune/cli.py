@@ -236,11 +236,12 @@ def build_parser() -> Parser:
                    "torchrun; one per GPU, or CPU processes); see docs/distributed.md")
     s.set_defaults(fn=_finetune)
 
-    s = sub.add_parser("export", help="write a run's model as a Hugging Face folder or zerotune safetensors",
+    s = sub.add_parser("export", help="write a run's model as a Hugging Face folder, zerotune safetensors or ONNX",
                        description="Example: zerotune export runs/minilm_classify --format hf --out exported/. "
-                       "LoRA adapters are merged first.")
+                       "LoRA adapters are merged first. --format onnx writes model.onnx taking raw inputs "
+                       "(normalisation in the graph), with model.json and labels.json.")
     s.add_argument("run", help="run folder")
-    s.add_argument("--format", default="hf", choices=["hf", "safetensors"])
+    s.add_argument("--format", default="hf", choices=["hf", "safetensors", "onnx"])
     s.add_argument("--out", help="folder to write (default RUN/export-FORMAT)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     s.set_defaults(fn=_export)

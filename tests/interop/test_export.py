@@ -79,8 +79,8 @@ def test_classic_net_exports_safetensors_only(tmp_path):
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(load_run(folder).model(x), load_run(run).model(x), rtol=0, atol=0)
-    with pytest.raises(ZerotuneError, match="--format: expected one of hf, safetensors, got 'onnx'"):
-        export(run, "onnx", tmp_path / "x")
+    with pytest.raises(ZerotuneError, match="--format: expected one of hf, safetensors, onnx, got 'gguf'"):
+        export(run, "gguf", tmp_path / "x")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="qlora needs bitsandbytes")

@@ -1,4 +1,4 @@
-"""``zerotune export RUN --format hf|safetensors --out DIR``: a run's final model, self-contained.
+"""``zerotune export RUN --format hf|safetensors|onnx --out DIR``: a run's final model, self-contained.
 
 LoRA adapters are merged into the base first (W ← W + (α/r) B A), so what is written is a plain
 model that needs neither the base nor zerotune's LoRA code.
@@ -16,6 +16,9 @@ model that needs neither the base nor zerotune's LoRA code.
                                                           pooler on [CLS]) cannot express
                   classic nets (mlp, cnn, resnet, rnn) and GPT classifiers have no Hugging Face
                   counterpart: use ``safetensors``.
+    onnx          model.onnx taking raw inputs (the run's normalisation is in the graph), model.json,
+                  labels.json, tokenizer.json; see ``zerotune.interop.onnx_export``. Needs the
+                  ``onnx`` and ``onnxscript`` packages (``pip install 'zerotune[onnx]'``).
 """
 
 from __future__ import annotations
@@ -34,33 +37,43 @@ from zerotune.models.gpt import GPT
 from zerotune.run import LoadedRun, create_run, load_run
 from zerotune.train.checkpoint import atomic_write_text, save_weights
 
-FORMATS = ("hf", "safetensors")
+FORMATS = ("hf", "safetensors", "onnx")
 
 
 def export(run: str | Path, format: str = "hf", out: str | Path | None = None, overwrite: bool = False) -> Path:
-    """Export a run's final model (LoRA merged) as a Hugging Face folder or zerotune safetensors.
+    """Export a run's final model (LoRA merged) as a Hugging Face folder, zerotune safetensors or ONNX.
 
     Args:
         run: the run folder.
-        format: ``hf`` or ``safetensors`` (see the module docstring).
+        format: ``hf``, ``safetensors`` or ``onnx`` (see the module docstring).
         out: the folder to write (default ``RUN/export-FORMAT``); an existing non-empty one needs ``overwrite``.
 
     Returns:
         The folder written.
 
     Raises:
-        ZerotuneError: unknown format, a model with no Hugging Face counterpart, or a bad run.
+        ZerotuneError: unknown format, a model with no Hugging Face counterpart, a model ONNX export
+            cannot trace, missing ONNX packages, or a bad run.
 
     Example:
         >>> export("runs/minilm-lora", "hf", "exports/minilm-clf")
     """
     if format not in FORMATS:
         raise ZerotuneError(f"--format: expected one of {', '.join(FORMATS)}, got {format!r}")
+    if format == "onnx":
+        from zerotune.interop.onnx_export import require_onnx
+
+        require_onnx()  # before anything is loaded or written
     loaded, meta = load_plain(run)
     model = loaded.model
     arch = meta["model"]["arch"]
     if format == "hf":
         _check_hf(model, arch, loaded.run.root)
+    if format == "onnx":
+        from zerotune.interop.onnx_export import export_onnx
+
+        return export_onnx(loaded, model, Path(out or loaded.run.root / "export-onnx"), overwrite,
+                           meta.get("merged_from"))
     folder = create_run(out or loaded.run.root / f"export-{format}", overwrite).root
     if format == "safetensors":
         return _export_safetensors(loaded, meta, folder)

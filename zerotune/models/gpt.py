@@ -278,8 +278,9 @@ class Attention(nn.Module):
             v,
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
-            # without a mask, a full causal block (no cache, or a prefill from position 0) or one new token
-            is_causal=mask is None and T > 1,
+            # without a mask: a full causal block (no cache, or a prefill from position 0), or one new token
+            # (cache first: an exported graph has no T to test)
+            is_causal=mask is None and (cache is None or T > 1),
             enable_gqa=Hkv != H,
         )  # (B, H, T, h)
         y = y.transpose(1, 2).reshape(B, T, H * h)  # (B, T, H·h)
