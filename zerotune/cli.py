@@ -197,6 +197,13 @@ def _inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+
+def _compressed_run_args(s: argparse.ArgumentParser, default_out: str) -> None:
+    """The options prune and quantize share: comparison data and the new run folder."""
+    s.add_argument("--data", metavar="SPEC", help="compare on this data spec instead of the run's held-out split")
+    s.add_argument("--out", help=f"the new run folder (default {default_out})")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+
 def build_parser() -> Parser:
     p = Parser(prog="zerotune", description="Develop neural networks and language models from scratch "
                "and fine-tune them.")
@@ -263,9 +270,7 @@ def build_parser() -> Parser:
                    help="layer: that fraction of each weight tensor (default); global: one threshold over all")
     s.add_argument("--include-embeddings", action="store_true",
                    help="also prune the embeddings and a language model's output head")
-    s.add_argument("--data", metavar="SPEC", help="compare on this data spec instead of the run's held-out split")
-    s.add_argument("--out", help="the new run folder (default RUN-pruned)")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    _compressed_run_args(s, "RUN-pruned")
     s.set_defaults(fn=_prune)
 
     s = sub.add_parser("quantize", help="store a run's weights in int8 (weight-only) as a new run",
@@ -283,9 +288,7 @@ def build_parser() -> Parser:
                        "  zerotune generate runs/gpt-int8 --prompt 'The with statement' --max-new-tokens 40")
     s.add_argument("run", help="run folder (only read)")
     s.add_argument("--bits", type=int, default=8, help="bits per weight (only 8 is supported)")
-    s.add_argument("--data", metavar="SPEC", help="compare on this data spec instead of the run's held-out split")
-    s.add_argument("--out", help="the new run folder (default RUN-int8)")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    _compressed_run_args(s, "RUN-int8")
     s.set_defaults(fn=_quantize)
 
     s = sub.add_parser("evaluate", help="metrics of a trained run on its test split or other data",
