@@ -197,7 +197,6 @@ def _inspect(a: argparse.Namespace) -> int:
     return 0
 
 
-
 def _compressed_run_args(s: argparse.ArgumentParser, default_out: str) -> None:
     """The options prune and quantize share: comparison data and the new run folder."""
     s.add_argument("--data", metavar="SPEC", help="compare on this data spec instead of the run's held-out split")
