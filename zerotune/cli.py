@@ -203,6 +203,7 @@ def _compressed_run_args(s: argparse.ArgumentParser, default_out: str) -> None:
     s.add_argument("--out", help=f"the new run folder (default {default_out})")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
+
 def build_parser() -> Parser:
     p = Parser(prog="zerotune", description="Develop neural networks and language models from scratch "
                "and fine-tune them.")
