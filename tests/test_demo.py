@@ -1,5 +1,7 @@
 """`zerotune demo --quick` end to end: every stage runs and writes its runs and the summary."""
 
+import json
+
 from zerotune.demo import demo
 
 
@@ -13,3 +15,7 @@ def test_quick_demo_runs_every_stage(tmp_path):
         assert (tmp_path / "demo" / run / "report.md").exists(), run
     assert (tmp_path / "demo" / "report.md").exists()
     assert any("»" in line for line in lines)  # samples were printed
+    for run in ("digits_cnn_pruned", "pydoc_gpt_int8"):  # compressed copies, measured before and after
+        report = json.loads((tmp_path / "demo" / run / "compress.json").read_text())
+        assert report["before"] and report["after"] == results[run]
+    assert results["digits_mlp_onnx"]["max_abs_diff"] < 1e-4 and results["digits_mlp_onnx"]["same_prediction"] == 1.0

