@@ -61,7 +61,7 @@ class DataConfig(Strict):
     sampling: Literal["random", "sequential"] = "random"  # language models: how windows are drawn from shards
     eval_batches: int = Field(20, ge=1)  # language models: val batches per evaluation
     classes: list[str] | None = None  # classification: keep only these labels, in this order
-    in_memory: Literal["auto", True, False] = "auto"  # images:DIR: decode all up front, or from the files per batch
+    in_memory: Literal["auto", True, False] = "auto"  # images:DIR, arrays:DIR: all in memory, or read per batch
     num_workers: int | None = Field(None, ge=0)  # DataLoader processes for data read from files (None: auto)
     augment: AugmentConfig = AugmentConfig()
 

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 import zerotune
 from zerotune.config import DataConfig
 from zerotune.data import load_data, load_source
-from zerotune.data.images import ImageFiles, keep_in_memory
+from zerotune.data.images import ImageFiles
+from zerotune.data.lazy import keep_in_memory
 from zerotune.errors import ZerotuneError
 from zerotune.train.tasks import SupervisedTask
 
@@ -64,7 +65,7 @@ def test_channel_statistics_by_hand(tmp_path):
     for i, a in enumerate(arrays):
         Image.fromarray(a).save(tmp_path / "a" / f"{i}.png")
     x = load_source(f"images:{tmp_path}", DataConfig(in_memory=False)).train.x
-    mean, std = x.channel_stats(chunk=3)
+    mean, std = x.stats(1, chunk=3)
     pixels = np.stack(arrays).astype(np.float64).reshape(-1, 3)
     np.testing.assert_allclose(mean, pixels.mean(0), rtol=1e-12)
     np.testing.assert_allclose(std, pixels.std(0, ddof=1), rtol=1e-12)

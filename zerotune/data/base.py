@@ -17,8 +17,8 @@ import torch
 class Split:
     """One split: ``x`` (N, ...) features or token ids, ``y`` (N,) or (N, k), held as tensors.
 
-    ``x`` may instead be an ``ImageFiles`` (images decoded from their files on demand), which
-    indexes like the tensor it stands for.
+    ``x`` may instead be a ``zerotune.data.lazy.LazyRows`` (image files or a memory-mapped array,
+    read on demand), which indexes like the tensor it stands for.
     """
 
     x: torch.Tensor
@@ -29,7 +29,7 @@ class Split:
 
     def take(self, index: torch.Tensor) -> Split:
         """The examples at ``index`` (integer indices or a boolean mask); files stay on disk."""
-        x = self.x.subset(index) if hasattr(self.x, "subset") else self.x[index]
+        x = self.x.subset(index) if hasattr(self.x, "subset") else self.x[index]  # LazyRows: still unread
         return Split(x, self.y[index])
 
     def to(self, device: torch.device | str) -> Split:

@@ -18,7 +18,6 @@ processes decoding the next steps' batches while the model trains on this one).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +27,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from zerotune.data.base import DataInfo, Source, Split
+from zerotune.data.lazy import LazyRows, Transform, keep_in_memory
 from zerotune.errors import ZerotuneError
 
 if TYPE_CHECKING:
@@ -77,106 +77,24 @@ def _to_tensor(arrays: list[np.ndarray], grey: bool) -> torch.Tensor:
     return x.unsqueeze(1) if grey else x.permute(0, 3, 1, 2).contiguous()
 
 
-class ImageFiles:
-    """Images decoded from their files on demand, looking like the (N, C, H, W) tensor they make.
+class ImageFiles(LazyRows):
+    """Images decoded from their files on demand (in threads: Pillow releases the GIL), looking
+    like the float32 (N, C, H, W) tensor they make, 0..255 before the transforms."""
 
-    ``x[i:j]`` and ``x[index]`` decode those images (in threads: Pillow releases the GIL) and
-    apply ``transforms`` in order (the normalisation); :meth:`subset` and :meth:`map` return new
-    lazy views; ``to(device)`` sets where decoded batches go.
-    """
+    def __init__(self, files: list[Path], size: tuple[int, int], grey: bool, rows: list[int] | None = None,
+                 transforms: tuple[Transform, ...] = (), device: torch.device | str = "cpu") -> None:
+        super().__init__(range(len(files)) if rows is None else rows, (1 if grey else 3, size[1], size[0]),
+                         transforms, device)
+        self.files, self.size, self.grey = files, size, grey
 
-    def __init__(self, files: list[Path], size: tuple[int, int], grey: bool,
-                 transforms: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = (),
-                 device: torch.device | str = "cpu") -> None:
-        self.files, self.size, self.grey, self.transforms = files, size, grey, transforms
-        self.device = torch.device(device)
+    def view(self, rows: list[int], transforms: tuple[Transform, ...], device: torch.device) -> ImageFiles:
+        return ImageFiles(self.files, self.size, self.grey, rows, transforms, device)
 
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size([len(self.files), 1 if self.grey else 3, self.size[1], self.size[0]])
-
-    @property
-    def ndim(self) -> int:
-        return 4
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def is_floating_point(self) -> bool:
-        return True
-
-    def _view(self, files: list[Path], transforms=None, device=None) -> ImageFiles:
-        return ImageFiles(files, self.size, self.grey, self.transforms if transforms is None else transforms,
-                          device or self.device)
-
-    def subset(self, index: torch.Tensor) -> ImageFiles:
-        """The images at ``index`` (integer indices or a boolean mask), still on disk."""
-        index = torch.as_tensor(index)
-        if index.dtype == torch.bool:
-            index = index.nonzero().flatten()
-        return self._view([self.files[i] for i in index.tolist()])
-
-    def tensor_split(self, sections: int) -> list[ImageFiles]:
-        """``sections`` near-equal contiguous parts, as ``torch.tensor_split`` cuts a tensor."""
-        return [self.subset(part) for part in torch.arange(len(self)).tensor_split(sections)]
-
-    def map(self, transform: Callable[[torch.Tensor], torch.Tensor]) -> ImageFiles:
-        """The same images with ``transform`` applied (after any earlier one) whenever they are decoded."""
-        return self._view(self.files, (*self.transforms, transform))
-
-    def to(self, device: torch.device | str) -> ImageFiles:
-        return self._view(self.files, device=device)
-
-    def decode(self, files: list[Path]) -> torch.Tensor:
-        """float32 (n, C, H, W) of ``files``, 0..255 (before the transforms)."""
-        if not files:
-            return torch.empty((0, *self.shape[1:]))
+    def read(self, rows: list[int]) -> torch.Tensor:
         mode = "L" if self.grey else "RGB"
-        read = lambda p: _pixels(_open(p), self.size, mode)  # noqa: E731
-        with ThreadPoolExecutor(min(len(files), os.cpu_count() or 1, 8)) as pool:
-            return _to_tensor(list(pool.map(read, files)), self.grey)
-
-    def __getitem__(self, index) -> torch.Tensor:
-        if isinstance(index, slice):
-            files = self.files[index]
-        else:
-            index = torch.as_tensor(index).cpu()
-            files = [self.files[i] for i in index.reshape(-1).tolist()]
-        x = self.decode(files)
-        for transform in self.transforms:
-            x = transform(x)
-        return x.to(self.device)
-
-    def channel_stats(self, chunk: int = 256) -> tuple[list[float], list[float]]:
-        """Per-channel mean and (unbiased) standard deviation over all images, chunk by chunk in
-        float64, the chunks' means and squared deviations combined as in Chan et al. (1979)."""
-        count = 0
-        mean, m2 = torch.zeros(self.shape[1], dtype=torch.float64), torch.zeros(self.shape[1], dtype=torch.float64)
-        for i in range(0, len(self), chunk):
-            x = self.decode(self.files[i : i + chunk]).double().transpose(0, 1).flatten(1)  # (C, n·H·W)
-            n, chunk_mean = x.shape[1], x.mean(1)
-            chunk_m2 = ((x - chunk_mean[:, None]) ** 2).sum(1)
-            delta = chunk_mean - mean
-            mean = mean + delta * n / (count + n)
-            m2 = m2 + chunk_m2 + delta * delta * count * n / (count + n)
-            count += n
-        std = (m2 / max(1, count - 1)).sqrt().clamp_min(1e-6)
-        return mean.tolist(), std.tolist()
-
-
-def available_memory() -> int:
-    """Bytes of memory available now (physical memory where the system does not say)."""
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 8 * 2**30
-
-
-def keep_in_memory(setting: str | bool, n_bytes: int) -> bool:
-    """``data.in_memory``: true/false as set; ``auto`` keeps data up to half the available memory."""
-    if setting == "auto":
-        return n_bytes <= available_memory() // 2
-    return bool(setting)
+        read = lambda i: _pixels(_open(self.files[i]), self.size, mode)  # noqa: E731
+        with ThreadPoolExecutor(min(len(rows), os.cpu_count() or 1, 8)) as pool:
+            return _to_tensor(list(pool.map(read, rows)), self.grey)
 
 
 def load_images(arg: str, cfg: DataConfig | None = None) -> Source:

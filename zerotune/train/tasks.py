@@ -23,7 +23,7 @@ from torch import nn
 
 from zerotune.data import Data
 from zerotune.data.base import Split
-from zerotune.data.images import ImageFiles
+from zerotune.data.lazy import LazyRows
 from zerotune.errors import ZerotuneError
 from zerotune.evaluate import metrics as M
 
@@ -59,7 +59,7 @@ class EpochOrder:
 
 class FileBatches(torch.utils.data.Dataset):
     """Item s is process ``rank``'s share of optimizer step s's batch (x, y), decoded from files
-    (a split whose x is ``ImageFiles``).
+    (a split whose x is a ``LazyRows``: image files or a memory-mapped array).
 
     A read error comes back as its message (a ``str``), so that the training process can raise it
     as one line instead of a worker's traceback.
@@ -139,7 +139,7 @@ class SupervisedTask:
         self.order = EpochOrder(self.n, batch_size, seed, self.device)
         self.steps_per_epoch = self.order.steps_per_epoch
         self.files = None
-        if isinstance(self.train.x, ImageFiles):
+        if isinstance(self.train.x, LazyRows):
             workers = default_workers() if num_workers is None else num_workers
             self.files = StepLoader(data.train, batch_size, seed, workers, self.device)
 
