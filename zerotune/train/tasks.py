@@ -78,7 +78,7 @@ class FileBatches(torch.utils.data.Dataset):
 
 
 class StepLoader:
-    """The batches of steps s, s+1, ... through a DataLoader: ``workers`` processes decode the
+    """The batches of steps s, s+1, ... through a DataLoader: ``workers`` processes read the
     next steps' batches while the model trains on this one. Asking for a step out of order
     (resuming) starts a new pass at that step; the batches are the same either way."""
 
@@ -112,8 +112,9 @@ def default_workers() -> int:
 
 
 class SupervisedTask:
-    """Classification or regression on tensors held on the device, batched by index; images that
-    do not fit in memory are read from their files by a :class:`StepLoader` in the same order."""
+    """Classification or regression on tensors held on the device, batched by index; data that
+    does not fit in memory (image files, a memory-mapped array) is read by a :class:`StepLoader`
+    in the same order."""
 
     unit, units_per_example = "samples", 1
 
@@ -178,7 +179,7 @@ class SupervisedTask:
 
     def describe(self) -> str:
         workers = self.files.workers if self.files is not None else 0
-        where = f" · read from files by {workers} worker{'s' * (workers != 1)}" if self.files is not None else ""
+        where = f" · read from disk by {workers} worker{'s' * (workers != 1)}" if self.files is not None else ""
         return f"{len(self.data.train):,} training examples · {self.steps_per_epoch} steps/epoch{where}"
 
     def model_meta(self) -> dict:
