@@ -101,7 +101,7 @@ class MappedArray(LazyRows):
 
     def __init__(self, path: Path, example_shape: list[int], rows: list[int] | None = None,
                  transforms: tuple = (), device: torch.device | str = "cpu") -> None:
-        n = len(np.load(path, mmap_mode="r")) if rows is None else 0
+        n = len(np.load(path, mmap_mode="r", allow_pickle=False)) if rows is None else 0
         super().__init__(range(n) if rows is None else rows, example_shape, transforms, device)
         self.path, self._array = path, None
 
@@ -110,7 +110,7 @@ class MappedArray(LazyRows):
 
     def read(self, rows: list[int]) -> torch.Tensor:
         if self._array is None:  # opened in each process that reads (DataLoader workers too)
-            self._array = np.load(self.path, mmap_mode="r")
+            self._array = np.load(self.path, mmap_mode="r", allow_pickle=False)
         x = np.ascontiguousarray(self._array[rows], dtype=np.float32)
         return torch.from_numpy(x).reshape(len(rows), *self.example_shape)
 
