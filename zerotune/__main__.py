@@ -1,3 +1,3 @@
-from zerotune.cli import main
+from zerotune.cli import leave, main
 
-raise SystemExit(main())
+leave(main())  # python -m zerotune: also what torchrun starts in each process

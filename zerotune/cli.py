@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 from zerotune.errors import ZerotuneError
 
@@ -396,5 +399,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def leave(code: int) -> NoReturn:
+    """End the process with ``code``. A torchrun worker (WORLD_SIZE > 1) flushes its output and
+    ends with ``os._exit``: the interpreter's own teardown can destroy gloo's threads while they
+    are still joinable, which aborts a process whose run succeeded ("terminate called without an
+    active exception", SIGABRT). Every file zerotune writes is closed before this point."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    leave(main())

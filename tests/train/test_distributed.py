@@ -548,3 +548,14 @@ def test_blocks_are_the_children_of_the_outermost_module_lists():
     assert D.blocks(nn.Linear(1, 1)) == []
     assert [D.strategy_for(s, w) for s, w in [("auto", 1), ("fsdp", 1), ("auto", 2), ("fsdp", 8)]] == [
         "none", "none", "ddp", "fsdp"]
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_a_worker_leaves_with_its_exit_code_and_its_output_flushed(world):
+    """`python -m zerotune` ends through cli.leave: a torchrun worker (WORLD_SIZE > 1) by os._exit
+    after flushing, so gloo's threads cannot abort the interpreter's teardown; one process normally."""
+    code = ("import sys; from zerotune.cli import leave; print('out', end=''); "
+            "print('err', end='', file=sys.stderr); leave(3)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "WORLD_SIZE": world})
+    assert (p.returncode, p.stdout, p.stderr) == (3, "out", "err")
