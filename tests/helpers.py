@@ -68,3 +68,23 @@ def write_char_shards(root: Path, text: str, docs: int, val_fraction: float) -> 
     train_tokenizer(f"text:{folder}", 64, root / "tok", kind="char", progress=False)
     prepare(f"text:{folder}", root / "tok", root / "shards", val_fraction=val_fraction, progress=False)
     return root / "shards"
+
+
+def train_from_disk_and_memory(tmp: Path, spec: str, batch_size: int, workers: int) -> dict[str, Path]:
+    """The digits_cnn recipe on ``spec`` (with augmentation and dropout) trained twice, with the data
+    held in memory and read from disk by ``workers`` DataLoader processes; asserts that the final
+    weights are bit-identical and returns the two run folders ("memory", "disk")."""
+    import zerotune
+    from zerotune.train.checkpoint import load_weights
+
+    common = [f"data.train={spec}", "train.epochs=2", f"train.batch_size={batch_size}", "train.progress=false",
+              "data.augment.enabled=true", "data.augment.hflip=true", "model.dropout=0.3"]
+    runs = {name: zerotune.train("configs/digits_cnn.yaml", out=tmp / name, overrides=common + extra,
+                                 log=lambda *a: None)
+            for name, extra in {"memory": ["data.in_memory=true"],
+                                "disk": ["data.in_memory=false", f"data.num_workers={workers}"]}.items()}
+    a, b = load_weights(runs["memory"] / "model.safetensors"), load_weights(runs["disk"] / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    return runs

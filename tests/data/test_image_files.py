@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
-import zerotune
+from tests.helpers import train_from_disk_and_memory
 from zerotune.config import DataConfig
 from zerotune.data import load_data, load_source
 from zerotune.data.images import ImageFiles
@@ -79,17 +78,7 @@ def test_auto_keeps_what_fits():
 @pytest.mark.parametrize("workers", [0, 2])
 def test_training_from_files_equals_training_in_memory(folder, tmp_path, workers):
     """The batches (seeded order, augmentation) and so the final weights are bit-identical."""
-    common = [f"data.train=images:{folder}", "train.epochs=2", "train.batch_size=8", "train.progress=false",
-              "data.augment.enabled=true", "data.augment.hflip=true", "model.dropout=0.3"]
-    runs = {}
-    for name, extra in {"memory": ["data.in_memory=true"],
-                        "files": ["data.in_memory=false", f"data.num_workers={workers}"]}.items():
-        runs[name] = zerotune.train("configs/digits_cnn.yaml", out=tmp_path / name, overrides=common + extra,
-                                    log=lambda *a: None)
-    a, b = load_file(runs["memory"] / "model.safetensors"), load_file(runs["files"] / "model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    train_from_disk_and_memory(tmp_path, f"images:{folder}", batch_size=8, workers=workers)
 
 
 def test_step_order_restarts_where_asked(folder):

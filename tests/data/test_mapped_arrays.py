@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import zerotune
+from tests.helpers import train_from_disk_and_memory
 from zerotune.cli import main
 from zerotune.config import DataConfig
 from zerotune.data import MappedArray, load_data, load_source
@@ -68,17 +68,8 @@ def test_tabular_statistics_per_feature(tmp_path):
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_training_from_mapped_rows_equals_training_in_memory(images, tmp_path, workers):
-    common = [f"data.train=arrays:{images}", "train.epochs=2", "train.batch_size=16", "train.progress=false",
-              "data.augment.enabled=true", "data.augment.hflip=true", "model.dropout=0.3"]
-    runs = {}
-    for name, extra in {"memory": ["data.in_memory=true"],
-                        "mapped": ["data.in_memory=false", f"data.num_workers={workers}"]}.items():
-        runs[name] = zerotune.train("configs/digits_cnn.yaml", out=tmp_path / name, overrides=common + extra,
-                                    log=lambda *a: None)
-    a, b = load_file(runs["memory"] / "model.safetensors"), load_file(runs["mapped"] / "model.safetensors")
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
-    assert zerotune.evaluate(runs["mapped"])["accuracy"] == zerotune.evaluate(runs["memory"])["accuracy"]
+    runs = train_from_disk_and_memory(tmp_path, f"arrays:{images}", batch_size=16, workers=workers)
+    assert zerotune.evaluate(runs["disk"])["accuracy"] == zerotune.evaluate(runs["memory"])["accuracy"]
 
 
 def test_bad_folders_are_one_line(tmp_path, capsys):
