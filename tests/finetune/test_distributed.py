@@ -101,6 +101,7 @@ def _worker(rank: int, root: Path, port: int) -> None:
     except ZerotuneError as e:
         result["qlora_fsdp"] = {"message": str(e), "exit_code": e.exit_code}
     (root / f"rank{rank}.json").write_text(json.dumps(result))
+    cli.leave(0)  # as a torchrun worker does: gloo's threads can abort the interpreter's teardown
 
 
 @pytest.fixture(scope="module")

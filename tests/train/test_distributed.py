@@ -186,9 +186,7 @@ def _worker(rank: int, root: Path, port: int) -> None:
     except ZerotuneError as e:
         result["fail"] = {"type": type(e).__name__, "message": str(e), "exit_code": e.exit_code}
     (root / f"rank{rank}.json").write_text(json.dumps(result))
-    # the group lost rank 1 on purpose: leave without running gloo's destructors, whose threads
-    # can abort the process at exit ("terminate called without an active exception")
-    os._exit(0)
+    cli.leave(0)  # as a torchrun worker does: gloo's threads can abort the interpreter's teardown
 
 
 def _lm_worker(rank: int, root: Path, port: int) -> None:
@@ -234,6 +232,7 @@ def _lm_worker(rank: int, root: Path, port: int) -> None:
             ckpt.save_weights(root / f"{name}.safetensors", state)
     (root / f"lm_rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
+    cli.leave(0)  # as a torchrun worker does: gloo's threads can abort the interpreter's teardown
 
 
 @pytest.fixture(scope="module")
