@@ -96,7 +96,11 @@ def read_hf_decoder_config(folder: str | Path) -> GPTConfig:
             zerotune does not implement (named).
     """
     path = Path(folder) / "config.json"
-    hf = _read_json(path)
+    return _decoder_config(_read_json(path), path)
+
+
+def _decoder_config(hf: dict[str, Any], path: Path) -> GPTConfig:
+    """:func:`read_hf_decoder_config` on the parsed ``config.json`` (``path`` names it in errors)."""
     family = hf.get("model_type")
     if family not in FAMILIES:
         raise ZerotuneError(
@@ -372,8 +376,8 @@ def load_hf_decoder(folder: str | Path) -> tuple[GPT, GPTConfig]:
         >>> model, cfg = load_hf_decoder("checkpoints/gpt2")
     """
     folder = Path(folder)
-    cfg = read_hf_decoder_config(folder)
-    family = json.loads((folder / "config.json").read_text(encoding="utf-8"))["model_type"]
+    hf = _read_json(folder / "config.json")
+    cfg, family = _decoder_config(hf, folder / "config.json"), hf["model_type"]
     raw, origin = read_hf_weights(folder)
     family_names = "gpt2" if family == "gpt2" else "llama"
     tensors = {_strip_prefix(k, family_names): v for k, v in raw.items()}
