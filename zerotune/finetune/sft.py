@@ -52,7 +52,6 @@ row permutation drawn from a generator seeded with (seed, e).
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -465,9 +464,9 @@ class SFTTask:
         return torch.tensor([total, tokens, correct], dtype=torch.float64)
 
     def eval_result(self, sums: torch.Tensor) -> dict[str, float]:
-        total, tokens, correct = sums.tolist()
-        loss = total / max(1, tokens)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": correct / max(1, tokens)}
+        from zerotune.train.tasks import token_metrics  # here: zerotune.config imports this module
+
+        return token_metrics(sums, "token_accuracy")
 
     def evaluate_val(self, model: nn.Module) -> dict[str, float]:
         return self.evaluate_split(model, self.val)

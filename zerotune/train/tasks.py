@@ -38,6 +38,17 @@ def share(n: int, rank: int, world_size: int) -> slice:
     return slice(start, start + q + (rank < extra))
 
 
+def token_metrics(sums: torch.Tensor, accuracy: str | None = None) -> dict[str, float]:
+    """Mean loss and perplexity from summed (loss, tokens[, correct]); with ``accuracy``, also
+    correct / tokens under that name. Perplexity is capped at e⁵⁰."""
+    total, tokens, *correct = sums.tolist()
+    loss = total / max(1, tokens)
+    result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    if accuracy is not None:
+        result[accuracy] = correct[0] / max(1, tokens)
+    return result
+
+
 class EpochOrder:
     """The order in which ``n`` examples are visited: epoch e is a permutation drawn from a
     generator seeded with (seed, e), and optimizer step s takes rows [i·B, (i+1)·B) of its
@@ -303,9 +314,7 @@ class LanguageModelTask:
         return torch.tensor([total, tokens], dtype=torch.float64)
 
     def eval_result(self, sums: torch.Tensor) -> dict[str, float]:
-        total, tokens = sums.tolist()
-        loss = total / max(1, tokens)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        return token_metrics(sums)
 
     def _pad_forwards(self, model: nn.Module, split, rank: int, world_size: int) -> None:
         n = split.n_eval_batches(self.batch_size, self.block_size, self.eval_batches)
@@ -402,9 +411,7 @@ class MaskedLanguageModelTask(LanguageModelTask):
         return torch.tensor([total, tokens, correct], dtype=torch.float64)
 
     def eval_result(self, sums: torch.Tensor) -> dict[str, float]:
-        total, tokens, correct = sums.tolist()
-        loss = total / max(1, tokens)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / max(1, tokens)}
+        return token_metrics(sums, "accuracy")
 
     def extra_log(self, record: dict) -> dict:
         return {}
