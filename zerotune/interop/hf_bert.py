@@ -36,8 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 from torch import nn
@@ -45,6 +44,7 @@ from torch import nn
 from zerotune.errors import ZerotuneError
 from zerotune.finetune.lora import lora_layers, unwrap_lora
 from zerotune.models.bert import BERT, BERTConfig, BERTMaskedLM
+from zerotune.train.checkpoint import load_weights
 
 _HF_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 _ACT_HF = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
@@ -177,7 +177,7 @@ def read_weights(folder: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
         folder / "pytorch_model.bin",
     )
     if single.is_file():
-        return _load_safetensors(single), single
+        return load_weights(single), single
     if index.is_file():
         try:
             shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
@@ -187,7 +187,7 @@ def read_weights(folder: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
             ) from None
         tensors: dict[str, torch.Tensor] = {}
         for shard in shards:
-            tensors.update(_load_safetensors(folder / shard))
+            tensors.update(load_weights(folder / shard))
         return tensors, index
     if pt.is_file():
         try:
@@ -200,15 +200,6 @@ def read_weights(folder: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
             raise ZerotuneError("expected a dict of tensors", path=pt)
         return sd, pt
     raise ZerotuneError("no weights found (expected model.safetensors or pytorch_model.bin)", path=folder)
-
-
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise ZerotuneError("file not found", path=path)
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError) as e:
-        raise ZerotuneError(f"not a readable safetensors file ({e})", path=path) from None
 
 
 def _normalise(name: str) -> str:
