@@ -1,9 +1,11 @@
 """zerotune.load: (model, tokenizer) from minilm, a Hugging Face folder or a run folder."""
 
+import pytest
 import torch
 
 import zerotune
 from tests.conftest import tiny_config
+from zerotune.errors import ZerotuneError
 from zerotune.models.gpt import GPT, GPTConfig
 
 
@@ -31,3 +33,14 @@ def test_load_run_folder(tmp_path):
     run = zerotune.train(tiny_config(epochs=1), out=tmp_path / "r", log=lambda *a: None)
     model, tokenizer = zerotune.load(run)
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10) and tokenizer is None
+
+
+@pytest.mark.parametrize("raw, fragment", [(b"[1, 2]", "expected a JSON object"), (b"\xff\xfe{", "invalid JSON"),
+                                           (b'{"pooling_mode_mean', "invalid JSON")])
+def test_bad_sentence_transformers_pooling_file_is_one_line(tmp_path, raw, fragment):
+    from zerotune.interop.hf import _sentence_pooling
+
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_bytes(raw)
+    with pytest.raises(ZerotuneError, match=rf"1_Pooling/config.json: {fragment}"):
+        _sentence_pooling(tmp_path)

@@ -67,8 +67,10 @@ def _sentence_pooling(folder: Path) -> str | None:
         return None
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ZerotuneError(f"invalid JSON: {e}", path=path) from None
+    if not isinstance(cfg, dict):
+        raise ZerotuneError("expected a JSON object", path=path)
     if cfg.get("pooling_mode_mean_tokens"):
         return "mean"
     if cfg.get("pooling_mode_cls_token"):
