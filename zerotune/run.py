@@ -69,15 +69,26 @@ class Run:
         return self.root / "report.md"
 
 
-def create_run(out: str | Path, overwrite: bool = False) -> Run:
-    """Make a new run folder. An existing non-empty folder is replaced only with ``overwrite``."""
-    root = Path(out)
+def check_new_run(root: Path, overwrite: bool = False) -> bool:
+    """Whether ``root`` may become a new run folder; True when it holds an old one to replace.
+
+    Raises:
+        ZerotuneError: ``root`` is a file, or a non-empty folder without ``overwrite``.
+    """
     if root.exists() and not root.is_dir():
         raise ZerotuneError("exists and is not a folder", path=root)
     if root.is_dir() and any(root.iterdir()):
         if not overwrite:
             raise ZerotuneError("run folder already exists; pass --overwrite to replace it or --out to choose another",
                                 path=root)
+        return True
+    return False
+
+
+def create_run(out: str | Path, overwrite: bool = False) -> Run:
+    """Make a new run folder. An existing non-empty folder is replaced only with ``overwrite``."""
+    root = Path(out)
+    if check_new_run(root, overwrite):
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     return Run(root)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from zerotune.errors import ZerotuneError
-from zerotune.run import LoadedRun, Run, create_run
+from zerotune.run import LoadedRun, Run, check_new_run, create_run
 from zerotune.train.checkpoint import atomic_write_text, save_weights
 
 WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -62,11 +62,7 @@ def output_folder(source: Path, out: str | Path | None, suffix: str, overwrite: 
     root = Path(out) if out else source.with_name(source.name + suffix)
     if root.resolve().is_relative_to(source.resolve()):
         raise ZerotuneError("--out: the source run is never modified; choose a folder outside it", path=root)
-    if root.exists() and not root.is_dir():
-        raise ZerotuneError("exists and is not a folder", path=root)
-    if root.is_dir() and any(root.iterdir()) and not overwrite:
-        raise ZerotuneError("run folder already exists; pass --overwrite to replace it or --out to choose another",
-                            path=root)
+    check_new_run(root, overwrite)
     return root
 
 
