@@ -20,6 +20,7 @@ from __future__ import annotations
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def load_arrays(arg: str, cfg=None) -> Source:
     example = list(x.shape[1:])
     if isinstance(x, np.memmap) and not keep_in_memory(cfg.in_memory if cfg is not None else "auto",
                                                         x.size * 4):
-        xt = MappedArray(path / "x.npy", example)
+        xt = MappedArray(path / "x.npy", example, range(len(x)))
     else:
         xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).reshape(len(x), *example)
     if y.dtype.kind in "iub":
@@ -99,10 +100,9 @@ def _read_npy_folder(folder: Path) -> tuple[np.ndarray, np.ndarray]:
 class MappedArray(LazyRows):
     """Rows of a memory-mapped ``x.npy`` read on demand, as float32 (n, *example_shape)."""
 
-    def __init__(self, path: Path, example_shape: list[int], rows: list[int] | None = None,
-                 transforms: tuple = (), device: torch.device | str = "cpu") -> None:
-        n = len(np.load(path, mmap_mode="r", allow_pickle=False)) if rows is None else 0
-        super().__init__(range(n) if rows is None else rows, example_shape, transforms, device)
+    def __init__(self, path: Path, example_shape: list[int], rows: Sequence[int], transforms: tuple = (),
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__(rows, example_shape, transforms, device)
         self.path, self._array = path, None
 
     def view(self, rows: list[int], transforms: tuple, device: torch.device) -> MappedArray:
