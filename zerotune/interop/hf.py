@@ -14,7 +14,6 @@ and returns ``(model, tokenizer or None, info)`` where ``info`` describes what w
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +64,7 @@ def _sentence_pooling(folder: Path) -> str | None:
     path = folder / "1_Pooling" / "config.json"
     if not path.is_file():
         return None
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ZerotuneError(f"invalid JSON: {e}", path=path) from None
-    if not isinstance(cfg, dict):
-        raise ZerotuneError("expected a JSON object", path=path)
+    cfg = hf_bert.read_config(path.parent)  # a JSON object, or one line naming the file
     if cfg.get("pooling_mode_mean_tokens"):
         return "mean"
     if cfg.get("pooling_mode_cls_token"):
