@@ -368,6 +368,10 @@ def test_each_process_reads_only_its_share_of_the_language_model_batch(lm_two, n
     one, ref = run_loop(cfg, D.Parallel())
     two = ckpt.load_weights(lm_two / f"{name}.safetensors")
     for k in one:
+        if k.endswith("attn.key.bias"):
+            # q·b_k is the same for every key of a query, so softmax cancels it: the exact gradient is 0 and
+            # AdamW turns its float noise into steps of about lr, different on 1 and 2 processes
+            continue
         torch.testing.assert_close(two[k], one[k], **TOL, msg=k)
     rows = ranks[0][f"{name}_records"]
     assert [r["step"] for r in rows] == [r["step"] for r in ref] == [4, 8]
