@@ -43,9 +43,9 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from zerotune.data.base import DataInfo  # noqa: E402
 from zerotune.models import build_model  # noqa: E402
 from zerotune.models.mlp import MLPConfig  # noqa: E402
+from zerotune.spec import DataInfo  # noqa: E402
 from zerotune.train.fit import fit  # noqa: E402
 
 BATCH, LR, FEATURES, CLASSES = 32, 1e-3, 784, 10

@@ -52,7 +52,7 @@ def zerotune_model(args) -> tuple[torch.nn.Module, GPTConfig, list[int]]:
     val = ShardDataset(ROOT / shards if not Path(shards).is_absolute() else shards, "val")
     prompt = [int(t) for t in val.batch(0, 1, args.prompt_tokens, mode="sequential")[0][0]]
     if args.run:
-        from zerotune.run import load_run
+        from zerotune.load import load_run
 
         model = load_run(args.run).model
     else:

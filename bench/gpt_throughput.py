@@ -38,9 +38,9 @@ sys.path.insert(0, str(ROOT))  # benchmark the checkout this script belongs to
 from zerotune.config import load_config  # noqa: E402
 from zerotune.interop.hf_decoder import export_hf_decoder  # noqa: E402
 from zerotune.models import build_model  # noqa: E402
-from zerotune.train.api import make_task, resolve_vocab  # noqa: E402
 from zerotune.train.loop import train_loop  # noqa: E402
 from zerotune.train.optim import param_groups  # noqa: E402
+from zerotune.train.tasks import make_task, resolve_vocab  # noqa: E402
 
 
 def cpu_model() -> str:

@@ -75,7 +75,7 @@ def train_from_disk_and_memory(tmp: Path, spec: str, batch_size: int, workers: i
     held in memory and read from disk by ``workers`` DataLoader processes; asserts that the final
     weights are bit-identical and returns the two run folders ("memory", "disk")."""
     import zerotune
-    from zerotune.train.checkpoint import load_weights
+    from zerotune.files import load_weights
 
     common = [f"data.train={spec}", "train.epochs=2", f"train.batch_size={batch_size}", "train.progress=false",
               "data.augment.enabled=true", "data.augment.hflip=true", "model.dropout=0.3"]
@@ -88,3 +88,8 @@ def train_from_disk_and_memory(tmp: Path, spec: str, batch_size: int, workers: i
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
     return runs
+
+
+def n_parameters(model: torch.nn.Module) -> int:
+    """Every parameter of ``model``, counted once."""
+    return sum(p.numel() for p in model.parameters())

@@ -78,3 +78,24 @@ def test_bad_data_does_not_touch_existing_run(tmp_path, cfg_file):
 
 def test_no_verb_is_one_line():
     one_line_error(zt(), "give a verb")
+
+
+@pytest.mark.parametrize("verb", ["train", "finetune"])
+@pytest.mark.parametrize("argv, passed", [
+    (["--nproc", "2", "c.yaml", "--set", "train.epochs=1", "--set", "seed=3", "--out", "r", "--overwrite"],
+     ["c.yaml", "--set", "train.epochs=1", "--set", "seed=3", "--out", "r", "--overwrite"]),
+    (["c.yaml", "--nproc=2", "--out", "r"], ["c.yaml", "--out", "r"]),
+    (["--npro", "2", "--resume", "r"], ["--resume", "r"]),  # a prefix argparse takes for --nproc
+    (["c.yaml", "--out", "r", "--nproc", "2"], ["c.yaml", "--out", "r"]),
+])
+def test_nproc_relaunches_the_command_line_as_given(monkeypatch, verb, argv, passed):
+    """Every argument reaches the torchrun workers as it was given; only --nproc goes (so a flag added
+    to the parser later cannot be dropped)."""
+    from zerotune import cli
+    from zerotune.train import launch
+
+    calls = []
+    monkeypatch.setattr(launch, "launch", lambda nproc, args: calls.append((nproc, args)) or 0)
+    source = ["--from", "minilm", "--method", "lora"] if verb == "finetune" and "--resume" not in argv else []
+    assert cli.main(["--debug", verb, *argv, *source]) == 0
+    assert calls == [(2, ["--debug", verb, *passed, *source])]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from zerotune.errors import ZerotuneError
-from zerotune.generate import _filter_logits, generate
+from zerotune.generate import filter_logits, generate
 from zerotune.models.gpt import GPT, GPTConfig
 
 
@@ -82,10 +82,10 @@ def test_sampling_is_deterministic_for_a_seed_and_respects_top_k():
 def test_filter_logits_top_k_and_top_p_by_hand():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     inf = float("-inf")
-    kept_k = _filter_logits(logits, top_k=2, top_p=None)
+    kept_k = filter_logits(logits, top_k=2, top_p=None)
     torch.testing.assert_close(kept_k, torch.tensor([[logits[0, 0], logits[0, 1], inf, inf]]))
     # nucleus 0.8: 0.5 + 0.3 reaches it, so the third and fourth tokens go
-    kept_p = _filter_logits(logits[:, [2, 0, 3, 1]], top_k=None, top_p=0.8)
+    kept_p = filter_logits(logits[:, [2, 0, 3, 1]], top_k=None, top_p=0.8)
     assert torch.isinf(kept_p).tolist() == [[True, False, True, False]]
 
 

@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from zerotune.config import load_config
-from zerotune.data import load_source
-from zerotune.data.base import DataInfo
+from zerotune.data.sources import load_source
 from zerotune.errors import ZerotuneError
 from zerotune.inspect import example_input, format_report, human, inspect_model
 from zerotune.models import build_model
 from zerotune.models.rnn import RNNConfig, build
+from zerotune.spec import DataInfo
 
 TEN = [str(i) for i in range(10)]
 

@@ -6,7 +6,7 @@ import pytest
 
 from tests.helpers import write_digits_idx
 from zerotune.config import load_config
-from zerotune.evaluate import evaluate
+from zerotune.evaluate.api import evaluate
 from zerotune.train.api import train
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))

@@ -3,7 +3,7 @@
 import csv
 import random
 
-from zerotune.evaluate import evaluate, predict
+from zerotune.evaluate.api import evaluate, predict
 from zerotune.train.api import train
 
 POS = ["great", "lovely", "excellent", "superb", "wonderful"]

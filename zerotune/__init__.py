@@ -3,6 +3,7 @@
 Every command-line verb is a function here::
 
     run = zerotune.train("configs/digits_mlp.yaml", overrides=["train.epochs=5"])
+    zerotune.resume(run)                     # continue any run (a fine-tuning run as one)
     zerotune.evaluate(run)                   # metrics dict, also RUN/eval.json
     zerotune.predict(run, "new.csv")         # predictions CSV
     zerotune.generate(run, ["The with statement"], max_new_tokens=50, seed=0)   # decoder runs
@@ -12,23 +13,57 @@ Every command-line verb is a function here::
 
     model, tokenizer = zerotune.load("minilm")      # a run folder, a Hugging Face folder or minilm
 
-(The names ``train``, ``finetune``, ``evaluate`` and ``generate`` are bound to the verbs; their
-subpackages stay importable as ``from zerotune.train import loop``.)
+The verbs are imported on first use (``import zerotune`` itself loads nothing heavy). The names
+``train``, ``finetune``, ``evaluate``, ``generate`` and ``load`` stay bound to the verbs even once
+the modules of the same name are imported: reach those as ``from zerotune.train import loop``.
 """
 
 from __future__ import annotations
 
+import importlib
+import sys
+import types
+
 __version__ = "0.1.0"
 
-from zerotune.compress import prune, quantize  # noqa: E402
-from zerotune.config import load_config  # noqa: E402
-from zerotune.evaluate import evaluate, predict  # noqa: E402
-from zerotune.finetune.api import finetune  # noqa: E402
-from zerotune.generate import generate_text as generate  # noqa: E402
-from zerotune.interop.export import export  # noqa: E402
-from zerotune.interop.hf import load  # noqa: E402
-from zerotune.train.api import resume, train  # noqa: E402
-from zerotune.train.fit import fit  # noqa: E402
+# verb -> (module, function)
+VERBS = {
+    "train": ("zerotune.train.api", "train"),
+    "resume": ("zerotune.finetune.api", "resume"),
+    "finetune": ("zerotune.finetune.api", "finetune"),
+    "evaluate": ("zerotune.evaluate.api", "evaluate"),
+    "predict": ("zerotune.evaluate.api", "predict"),
+    "generate": ("zerotune.generate", "generate_text"),
+    "export": ("zerotune.interop.export", "export"),
+    "prune": ("zerotune.compress.api", "prune"),
+    "quantize": ("zerotune.compress.api", "quantize"),
+    "load": ("zerotune.load", "load"),
+    "fit": ("zerotune.train.fit", "fit"),
+    "load_config": ("zerotune.config", "load_config"),
+}
 
-__all__ = ["train", "resume", "finetune", "evaluate", "predict", "generate", "export", "prune", "quantize", "load",
-           "fit", "load_config"]
+__all__ = list(VERBS)
+
+
+def __getattr__(name: str):  # PEP 562: a verb's module is imported when the verb is first used
+    if name not in VERBS:
+        raise AttributeError(f"module 'zerotune' has no attribute {name!r}")
+    module, attr = VERBS[name]
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(VERBS))
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value) -> None:
+        # importing zerotune.train (the package) must not replace zerotune.train (the verb)
+        if name in VERBS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -26,59 +26,55 @@ class Parser(argparse.ArgumentParser):
 
 
 def _train(a: argparse.Namespace) -> int:
-    from zerotune.train import distributed
     from zerotune.train.api import train
+    from zerotune.train.launch import env_rank
 
     if a.nproc is not None and a.nproc != 1:
-        return _launch(a, "train")
+        return _launch(a)
     if a.resume:
+        from zerotune.finetune.api import resume
+
         if a.config or a.set:
             raise ZerotuneError("--resume continues a run with its own config.yaml; do not pass CONFIG or --set")
-        if _is_finetune_run(a.resume):
-            from zerotune.finetune.api import finetune
-
-            finetune(resume=a.resume)
-        else:
-            train(resume=a.resume)
+        resume(a.resume)  # a fine-tuning run continues as one
         return 0
     if not a.config:
         raise ZerotuneError("zerotune train: give a CONFIG file, or --resume RUN")
     run = train(a.config, out=a.out, overwrite=a.overwrite, overrides=a.set)
-    if distributed.env_rank() == 0:
+    if env_rank() == 0:
         print(f"run folder: {run}")
     return 0
 
 
-def _launch(a: argparse.Namespace, verb: str) -> int:
-    """The same command as ``a.nproc`` processes, through torchrun (see docs/distributed.md)."""
-    from zerotune.train import distributed
+def without_nproc(argv: list[str]) -> list[str]:
+    """The command line as given, less ``--nproc N`` (or ``--nproc=N``, or a prefix argparse accepts)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        flag, eq, _ = arg.partition("=")
+        if len(flag) > 2 and "--nproc".startswith(flag):
+            skip = not eq
+            continue
+        out.append(arg)
+    return out
 
-    argv = [*(["--debug"] if a.debug else []), verb, *([a.config] if a.config else [])]
-    for flag, value in (("--from", getattr(a, "source", None)), ("--method", getattr(a, "method", None)),
-                        ("--out", a.out), ("--resume", a.resume)):
-        if value:
-            argv += [flag, value]
-    argv += [x for kv in a.set or [] for x in ("--set", kv)]
-    return distributed.launch(a.nproc, argv + (["--overwrite"] if a.overwrite else []))
 
+def _launch(a: argparse.Namespace) -> int:
+    """The same command as ``a.nproc`` processes, through torchrun (see docs/distributed.md): every
+    argument is passed through as it was given."""
+    from zerotune.train.launch import launch
 
-def _is_finetune_run(run: str) -> bool:
-    """A run made by `zerotune finetune` names its source in config.yaml (finetune.source)."""
-    from zerotune.config import read_yaml
-
-    path = Path(run) / "config.yaml"
-    if not path.is_file():
-        return False
-    raw = read_yaml(path)
-    return isinstance(raw, dict) and isinstance(raw.get("finetune"), dict) and bool(raw["finetune"].get("source"))
+    return launch(a.nproc, without_nproc(a.argv))
 
 
 def _finetune(a: argparse.Namespace) -> int:
     from zerotune.finetune.api import finetune
-    from zerotune.train import distributed
+    from zerotune.train.launch import env_rank
 
     if a.nproc is not None and a.nproc != 1:
-        return _launch(a, "finetune")
+        return _launch(a)
     if a.resume:
         if a.config or a.set or a.source:
             raise ZerotuneError("--resume continues a run with its own config.yaml; "
@@ -88,7 +84,7 @@ def _finetune(a: argparse.Namespace) -> int:
     if not a.config or not a.source:
         raise ZerotuneError("zerotune finetune: give a CONFIG file and --from SOURCE, or --resume RUN")
     run = finetune(a.config, a.source, method=a.method, out=a.out, overwrite=a.overwrite, overrides=a.set)
-    if distributed.env_rank() == 0:
+    if env_rank() == 0:
         print(f"run folder: {run}")
     return 0
 
@@ -101,7 +97,7 @@ def _export(a: argparse.Namespace) -> int:
 
 
 def _prune(a: argparse.Namespace) -> int:
-    from zerotune.compress import prune
+    from zerotune.compress.api import prune
 
     prune(a.run, amount=a.amount, scope=a.scope, out=a.out, overwrite=a.overwrite,
           include_embeddings=a.include_embeddings, data=a.data)
@@ -109,14 +105,14 @@ def _prune(a: argparse.Namespace) -> int:
 
 
 def _quantize(a: argparse.Namespace) -> int:
-    from zerotune.compress import quantize
+    from zerotune.compress.api import quantize
 
     quantize(a.run, bits=a.bits, out=a.out, overwrite=a.overwrite, data=a.data)
     return 0
 
 
 def _evaluate(a: argparse.Namespace) -> int:
-    from zerotune.evaluate import evaluate
+    from zerotune.evaluate.api import evaluate
 
     result = evaluate(a.run, data=a.data, split=a.split)
     if a.json:
@@ -132,7 +128,7 @@ def _evaluate(a: argparse.Namespace) -> int:
 
 
 def _predict(a: argparse.Namespace) -> int:
-    from zerotune.evaluate import predict
+    from zerotune.evaluate.api import predict
 
     print(f"predictions: {predict(a.run, a.input, a.output)}")
     return 0
@@ -374,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(argv)
         if not getattr(args, "fn", None):
             raise ZerotuneError("zerotune: give a verb, e.g. zerotune train CONFIG (see zerotune --help)")
         with warnings.catch_warnings():
@@ -383,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     except ZerotuneError as e:
         if debug:
             raise
-        from zerotune.train.distributed import should_report
+        from zerotune.train.launch import should_report
 
         if should_report(e):  # with several processes, rank 0 speaks for all about shared inputs
             print(f"error: {e}", file=sys.stderr)

@@ -7,6 +7,7 @@
     schedule  learning-rate schedule with warmup
     train     the loop: epochs/steps, batch, loss, evaluation, checkpoints, early stopping
     finetune  (optional) how ``zerotune finetune`` adapts a pretrained model: method, freezing, LoRA
+    sft       (optional) instruction tuning: the chat template, row length, packing
 
 A config file must be a YAML mapping; defaults fill only keys it leaves out. ``--set a.b=v``
 overrides are parsed as YAML scalars and validated like the file. Every problem becomes a
@@ -23,7 +24,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from zerotune.errors import ZerotuneError
-from zerotune.finetune.sft import SFTConfig
 from zerotune.models import ARCHS, ModelConfig
 from zerotune.models.mlp import MLPConfig
 
@@ -158,6 +158,27 @@ class FinetuneConfig(Strict):
     pooling: Literal["mean", "cls", "last"] | None = None  # sequence heads; None: the family's default
 
 
+class ChatTemplate(Strict):
+    """Role markers of the chat format (rendering and encoding: :mod:`zerotune.data.chat`)."""
+
+    system: str = "<|system|>"
+    user: str = "<|user|>"
+    assistant: str = "<|assistant|>"
+    end: str = "<|end|>"
+    default_system: str | None = None  # a system message put first when an example has none
+
+    def marker(self, role: str) -> str:
+        return getattr(self, role)
+
+
+class SFTConfig(Strict):
+    """Options of instruction tuning (the ``sft:`` section of a config, ``task: sft``)."""
+
+    template: ChatTemplate = ChatTemplate()
+    max_length: int | None = Field(None, ge=2)  # positions per row; None: model.block_size
+    packing: bool = False  # several whole examples per row (see zerotune.data.chat)
+
+
 class Config(Strict):
     seed: int = 0
     task: Literal[TASKS] = "classification"  # type: ignore[valid-type]
@@ -166,7 +187,7 @@ class Config(Strict):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
-    sft: SFTConfig | None = None  # instruction tuning (task: sft); see zerotune.finetune.sft
+    sft: SFTConfig | None = None  # instruction tuning (task: sft); see zerotune.data.chat
     finetune: FinetuneConfig | None = None
 
     @model_validator(mode="before")

@@ -15,12 +15,22 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
 
+from zerotune.compress.api import prune, quantize
+from zerotune.data.shards import prepare
+from zerotune.data.tokenizer import train_tokenizer
 from zerotune.errors import ZerotuneError
+from zerotune.evaluate.api import evaluate
+from zerotune.files import read_json_object, write_text
+from zerotune.finetune.api import finetune
+from zerotune.generate import generate_text
+from zerotune.interop.export import export
+from zerotune.interop.onnx_export import require_onnx
+from zerotune.load import load_run
+from zerotune.train.api import train
 
 DIGITS = {"data": {"train": "builtin:digits", "test_split": 0.2, "val_split": 0.1}, "seed": 0}
 
@@ -31,32 +41,23 @@ def classic_configs(quick: bool) -> dict[str, dict]:
            "optim": {"name": "adamw", "lr": 0.002, "weight_decay": 0.01},
            "schedule": {"name": "cosine", "warmup_steps": 50},
            "train": {"epochs": epochs, "batch_size": 32, "metrics": ["accuracy", "f1"], "progress": False}}
-    configs = {"digits_mlp": mlp}
-    from zerotune.models import ARCHS
-
-    if "cnn" in ARCHS:
-        configs["digits_cnn"] = {
-            **DIGITS, "model": {"arch": "cnn", "channels": [32, 64], "norm": "batch", "hidden": [128], "dropout": 0.2},
-            "data": {**DIGITS["data"], "augment": {"enabled": True, "rotate": 8, "translate": 0.1}},
-            "optim": {"name": "adamw", "lr": 0.003, "weight_decay": 0.01},
-            "schedule": {"name": "cosine", "warmup_steps": 50},
-            "train": {"epochs": 8 if quick else 20, "batch_size": 32, "metrics": ["accuracy", "f1"],
-                      "progress": False}}
-    return configs
+    cnn = {**DIGITS, "model": {"arch": "cnn", "channels": [32, 64], "norm": "batch", "hidden": [128], "dropout": 0.2},
+           "data": {**DIGITS["data"], "augment": {"enabled": True, "rotate": 8, "translate": 0.1}},
+           "optim": {"name": "adamw", "lr": 0.003, "weight_decay": 0.01},
+           "schedule": {"name": "cosine", "warmup_steps": 50},
+           "train": {"epochs": 8 if quick else 20, "batch_size": 32, "metrics": ["accuracy", "f1"], "progress": False}}
+    return {"digits_mlp": mlp, "digits_cnn": cnn}
 
 
 def demo(out: str | Path = "runs/demo", quick: bool = False, log=print) -> dict[str, dict]:
     """Run the tour into ``out`` (replacing earlier demo runs there); return each run's test metrics."""
-    from zerotune.evaluate import evaluate
-    from zerotune.train.api import train
-
     out = Path(out)
     if out.exists():
         if not (out / ".zerotune-demo").exists():
             raise ZerotuneError("exists and was not made by zerotune demo; choose another --out", path=out)
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    (out / ".zerotune-demo").write_text("made by zerotune demo; replaced by the next demo\n")
+    write_text(out / ".zerotune-demo", "made by zerotune demo; replaced by the next demo\n")
     results: dict[str, dict] = {}
     t0 = time.perf_counter()
     log("== classic deep learning: digits (8×8, 10 classes), offline ==")
@@ -86,12 +87,6 @@ PROMPTS = ["The with statement", "A class definition"]
 
 def pretrain_stage(out: Path, quick: bool, log=print) -> dict:
     """Tokenizer → shards → a tiny GPT pretrained on pydoc topics → perplexity → samples."""
-    from zerotune.data.shards import prepare
-    from zerotune.data.tokenizer import train_tokenizer
-    from zerotune.evaluate import evaluate
-    from zerotune.generate import generate_text
-    from zerotune.train.api import train
-
     log("\n== language-model pretraining: a tiny GPT on CPython's bundled documentation ==")
     start = time.perf_counter()
     train_tokenizer("builtin:pydoc", 2048, out / "pydoc-tokenizer", kind="bytelevel-bpe", progress=False)
@@ -117,10 +112,6 @@ def pretrain_stage(out: Path, quick: bool, log=print) -> dict:
 
 def finetune_stage(out: Path, quick: bool, log=print) -> dict[str, dict]:
     """MiniLM + LoRA text classification, then SFT (LoRA) of the demo GPT."""
-    from zerotune.evaluate import evaluate
-    from zerotune.finetune.api import finetune
-    from zerotune.generate import generate_text
-
     log("\n== fine-tuning: MiniLM + LoRA on docstrings; instruction tuning of the demo GPT ==")
     results = {}
     start = time.perf_counter()
@@ -151,16 +142,14 @@ def finetune_stage(out: Path, quick: bool, log=print) -> dict[str, dict]:
 
 def compress_stage(out: Path, log=print) -> dict[str, dict]:
     """Prune the digits CNN, int8 weights for the demo GPT, the digits MLP as ONNX (checked with onnxruntime)."""
-    from zerotune.compress import prune, quantize
-
     log("\n== compression and export: magnitude pruning, int8 weights, ONNX ==")
     results = {}
     start = time.perf_counter()
     run = prune(out / "digits_cnn", amount=0.5, scope="global", out=out / "digits_cnn_pruned", log=log)
-    results["digits_cnn_pruned"] = json.loads((run / "compress.json").read_text())["after"]
+    results["digits_cnn_pruned"] = read_json_object(run / "compress.json")["after"]
     log("")
     run = quantize(out / "pydoc_gpt", out=out / "pydoc_gpt_int8", log=log)
-    results["pydoc_gpt_int8"] = json.loads((run / "compress.json").read_text())["after"]
+    results["pydoc_gpt_int8"] = read_json_object(run / "compress.json")["after"]
     log("")
     results["digits_mlp_onnx"] = onnx_check(out, log)
     results["digits_mlp_onnx"]["seconds"] = time.perf_counter() - start
@@ -174,8 +163,6 @@ def onnx_check(out: Path, log=print) -> dict:
     except ImportError:
         log("onnx: skipped (pip install 'zerotune[onnx]' onnxruntime to export and run ONNX graphs)")
         return {}
-    from zerotune.interop.export import export
-    from zerotune.interop.onnx_export import require_onnx
 
     try:
         require_onnx()
@@ -186,7 +173,6 @@ def onnx_check(out: Path, log=print) -> dict:
     import torch
     from sklearn.datasets import load_digits
 
-    from zerotune.run import load_run
 
     folder = export(out / "digits_mlp", "onnx", out / "digits_mlp_onnx")
     raw = load_digits().images[:256].astype(np.float32)[:, None]  # (256, 1, 8, 8) pixels 0-16
@@ -214,4 +200,4 @@ def write_summary(out: Path, results: dict[str, dict]) -> None:
         r = results["pydoc_gpt"]
         lines += ["", f"[pydoc_gpt](pydoc_gpt/report.md): validation loss {r['loss']:.3f} nats/token, "
                   f"perplexity {r['perplexity']:.1f}, stage time {r['seconds']:.0f} s"]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "report.md", "\n".join(lines) + "\n")

@@ -30,3 +30,15 @@ class Interrupted(ZerotuneError):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class DistributedError(ZerotuneError):
+    """A process of a multi-process run could not join or lost contact with the others (exit 1),
+    or its launch environment is wrong (exit 2).
+
+    Unlike other errors (which rank 0 reports for everyone), every process prints this one.
+    """
+
+    def __init__(self, message: str, *, path: object | None = None, exit_code: int = 1) -> None:
+        super().__init__(message, path=path)
+        self.exit_code = exit_code

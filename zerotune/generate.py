@@ -22,10 +22,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from zerotune.data.chat import TEMPLATE_FILE, chat_prompt_ids, end_token_id, load_chat_template
+from zerotune.data.tokenizer import special_ids
 from zerotune.errors import ZerotuneError
+from zerotune.load import load_run
 
 
-def _filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """Set every logit outside the top-k / nucleus (top-p) set to −inf; logits (B, V)."""
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
@@ -144,7 +147,7 @@ def generate(
             if temperature == 0:
                 next_ids = logits.argmax(dim=-1)  # (B,)
             else:
-                logits = _filter_logits(logits / temperature, top_k, top_p)
+                logits = filter_logits(logits / temperature, top_k, top_p)
                 next_ids = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]  # (B,)
             seen[torch.arange(B, device=device), next_ids] = True
             for row, token in enumerate(next_ids.tolist()):
@@ -186,9 +189,6 @@ def generate_text(
     Example:
         >>> zerotune.generate("runs/pydoc_gpt_tiny", ["The with statement"], max_new_tokens=40, seed=0)
     """
-    from zerotune.data.tokenizer import special_ids
-    from zerotune.run import load_run
-
     loaded = load_run(run)
     if loaded.tokenizer is None:
         raise ZerotuneError("the run has no tokenizer.json; generation needs a text model", path=loaded.run.root)
@@ -198,9 +198,7 @@ def generate_text(
     tok = loaded.tokenizer
     ids = special_ids(tok)
     template = None
-    if (loaded.run.root / "chat_template.json").is_file():  # an instruction-tuned run: prompts are user turns
-        from zerotune.finetune.sft import chat_prompt_ids, end_token_id, load_chat_template
-
+    if (loaded.run.root / TEMPLATE_FILE).is_file():  # an instruction-tuned run: prompts are user turns
         template = load_chat_template(loaded.run.root)
         ids = {**ids, "eos": end_token_id(tok, template)}
     encoded = []

@@ -14,16 +14,25 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils.flop_counter import FlopCounterMode
 
-from zerotune.data.base import DataInfo
+from zerotune.config import load_config
+from zerotune.data.shards import ShardDataset
+from zerotune.data.sources import load_source
 from zerotune.errors import ZerotuneError
+from zerotune.load import load_run
+from zerotune.models import build_model
+from zerotune.models.gpt import flops_per_token, kv_cache_bytes_per_token, memory_estimate, num_params
+from zerotune.spec import DataInfo
+from zerotune.train.tasks import resolve_vocab
 
 aten = torch.ops.aten
 
@@ -230,15 +239,10 @@ def format_report(report: InspectReport) -> str:
 
 def _info_for(cfg) -> DataInfo:
     """The data description a config's model is built for, reading as little data as possible."""
-    from zerotune.data import load_source
-    from zerotune.errors import ZerotuneError
-
     if cfg.task == "causal_lm":
         kind, _, folder = cfg.data.train.partition(":")
         vocab = getattr(cfg.model, "vocab_size", None)
         if kind == "shards" and vocab is None:
-            from zerotune.data.shards import ShardDataset
-
             vocab = ShardDataset(folder, "train").vocab_size
         if vocab is None:
             raise ZerotuneError("model.vocab_size: unknown until the shards exist; prepare them or set it")
@@ -250,8 +254,6 @@ def _info_for(cfg) -> DataInfo:
 
 
 def gpt_lines(cfg, batch: int, precision: str) -> list[str]:
-    from zerotune.models.gpt import flops_per_token, kv_cache_bytes_per_token, memory_estimate, num_params
-
     mem = memory_estimate(cfg, batch, cfg.block_size, precision)
     el = 4 if precision == "fp32" else 2
     return [
@@ -270,14 +272,6 @@ def gpt_lines(cfg, batch: int, precision: str) -> list[str]:
 def inspect_target(target: str, overrides: list[str] | None = None, batch_size: int | None = None,
                    as_json: bool = False) -> str:
     """``zerotune inspect CONFIG|RUN``: the layer table, parameter count, FLOPs and memory as text (or JSON)."""
-    import json
-    from pathlib import Path
-
-    from zerotune.config import load_config
-    from zerotune.models import build_model
-    from zerotune.run import load_run
-    from zerotune.train.api import resolve_vocab
-
     path = Path(target)
     if path.is_dir():
         loaded = load_run(path)

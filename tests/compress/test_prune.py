@@ -11,12 +11,13 @@ from safetensors.torch import load_file
 import zerotune
 from tests.compress.conftest import QUIET, snapshot
 from zerotune import cli
-from zerotune.compress.base import scalar_metrics, weight_layers
-from zerotune.compress.prune import prune, prune_tensors, sparsity
-from zerotune.evaluate import measure
+from zerotune.compress.api import prune, scalar_metrics
+from zerotune.compress.layers import weight_layers
+from zerotune.compress.prune import prune_tensors, sparsity
+from zerotune.evaluate.api import measure
 from zerotune.finetune.lora import unwrap_lora
+from zerotune.load import load_run
 from zerotune.models.gpt import GPT, GPTConfig
-from zerotune.run import load_run
 
 
 def exact(got: torch.Tensor, want: list) -> None:

@@ -12,11 +12,10 @@ import zerotune
 from tests.compress.conftest import QUIET, snapshot
 from tests.conftest import tiny_config
 from zerotune import cli
-from zerotune.compress.base import scalar_metrics
-from zerotune.compress.prune import prune
-from zerotune.compress.quantize import dequantize_state_dict, dequantize_tensor, quantize, quantize_tensor
+from zerotune.compress.api import prune, quantize, scalar_metrics
+from zerotune.compress.quantize import dequantize_state_dict, dequantize_tensor, quantize_tensor
 from zerotune.errors import ZerotuneError
-from zerotune.run import load_run
+from zerotune.load import load_run
 
 
 def test_known_tensor_exact_int8_codes_and_scales():

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from zerotune.config import DataConfig
-from zerotune.data import load_data, load_source
+from zerotune.data.sources import load_source
+from zerotune.data.splits import load_data
 from zerotune.errors import ZerotuneError
 
 NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

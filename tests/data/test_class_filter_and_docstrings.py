@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from zerotune.config import DataConfig, load_config
-from zerotune.data import load_data, load_source
+from zerotune.data.sources import load_source
+from zerotune.data.splits import load_data
 from zerotune.errors import ZerotuneError
 
 

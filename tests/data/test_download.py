@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers import write_digits_idx
 from zerotune.data import download as dl
-from zerotune.data import load_source
+from zerotune.data.sources import load_source
 from zerotune.errors import ZerotuneError
 
 

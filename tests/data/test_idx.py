@@ -6,8 +6,9 @@ import torch
 
 from tests.helpers import write_digits_idx, write_idx
 from zerotune.config import DataConfig
-from zerotune.data import load_data, load_source
 from zerotune.data.idx import read_idx
+from zerotune.data.sources import load_source
+from zerotune.data.splits import load_data
 from zerotune.errors import ZerotuneError
 
 

@@ -7,9 +7,10 @@ from PIL import Image
 
 from tests.helpers import train_from_disk_and_memory
 from zerotune.config import DataConfig
-from zerotune.data import load_data, load_source
 from zerotune.data.images import ImageFiles
 from zerotune.data.lazy import keep_in_memory
+from zerotune.data.sources import load_source
+from zerotune.data.splits import load_data
 from zerotune.errors import ZerotuneError
 from zerotune.train.tasks import SupervisedTask
 

@@ -4,7 +4,8 @@ import torch
 from PIL import Image
 
 from zerotune.config import DataConfig
-from zerotune.data import load_data, load_source
+from zerotune.data.sources import load_source
+from zerotune.data.splits import load_data
 from zerotune.errors import ZerotuneError
 
 

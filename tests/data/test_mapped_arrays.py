@@ -8,7 +8,8 @@ import zerotune
 from tests.helpers import train_from_disk_and_memory
 from zerotune.cli import main
 from zerotune.config import DataConfig
-from zerotune.data import MappedArray, load_data, load_source
+from zerotune.data.sources import MappedArray, load_source
+from zerotune.data.splits import load_data
 from zerotune.errors import ZerotuneError
 
 

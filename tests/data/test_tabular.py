@@ -5,7 +5,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from zerotune.config import DataConfig
-from zerotune.data import load_data, load_source
+from zerotune.data.sources import load_source
+from zerotune.data.splits import load_data
 from zerotune.data.tabular import load_csv, load_jsonl
 from zerotune.errors import ZerotuneError
 
@@ -135,7 +136,7 @@ def test_errors(tmp_path):
 def test_jsonl_errors(tmp_path):
     cases = [
         ("\n", r"e.jsonl: empty file"),
-        ('{"text": "a", "label": 1}\n{"text": "b"\n', r"e.jsonl: line 2: invalid JSON"),
+        ('{"text": "a", "label": 1}\n{"text": "b"\n', r"e.jsonl: line 2: not valid JSON"),
         ('{"text": "a", "label": 1}\n[1, 2]\n', r"e.jsonl: line 2: expected a JSON object, got list"),
         (
             '{"text": "a", "label": 1}\n{"text": "b"}\n',

@@ -18,7 +18,7 @@ from zerotune.finetune.api import finetune
 from zerotune.finetune.lora import lora_layers
 from zerotune.interop.hf import minilm_folder
 from zerotune.interop.hf_bert import load_hf_bert
-from zerotune.run import load_run
+from zerotune.load import load_run
 
 H, I_, K = 384, 1536, 2  # MiniLM width, feed-forward width; two classes
 
@@ -262,6 +262,73 @@ def test_resume_finishes_like_an_uninterrupted_run(digits_source, tmp_path):
     a, b = load_file(whole / "model.safetensors"), load_file(cut / "model.safetensors")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
+
+
+def cut_short(whole: Path, cut: Path) -> Path:
+    """A copy of a finished run as if it had stopped one step before the end: no final model, the
+    last checkpoint gone."""
+    shutil.copytree(whole, cut)
+    for name in ("model.json", "model.safetensors", "adapter.safetensors", "chat_template.json", "report.md"):
+        (cut / name).unlink(missing_ok=True)
+    steps = sorted((cut / "checkpoints").glob("step-*"))
+    shutil.rmtree(steps[-1])
+    return cut
+
+
+def sft_config(tmp: Path) -> dict:
+    rows = tmp / "sft.jsonl"
+    rows.write_text("".join(json.dumps({"instruction": f"name {w}", "output": f"the {w}"}) + "\n"
+                            for w in "cat dog mat park bird sun".split()))
+    return {"seed": 0, "task": "sft", "data": {"train": f"jsonl:{rows}", "val_split": 0.2},
+            "optim": {"name": "adamw", "lr": 3e-3},
+            "train": {"max_steps": 4, "batch_size": 2, "progress": False, "log_every": 1}}
+
+
+@pytest.mark.parametrize("case", ["lora", "qlora", "new head", "sft"])
+def test_zerotune_resume_continues_a_fine_tuning_run_as_one(case, gpt_source, digits_source, tmp_path):
+    folder, shards = gpt_source
+    every = {"max_steps": 4, "checkpoint_every": 1, "epochs": None}
+    if case == "qlora":
+        pytest.importorskip("bitsandbytes")
+    if case in ("lora", "qlora"):
+        cfg, source, method, weights = lm_config(shards), folder, case, "adapter.safetensors"
+        # 8-bit: bitsandbytes' 4-bit CPU kernel cannot repack layers narrower than its block of 64 (this GPT is 32 wide)
+        cfg["finetune"] = {"qlora_bits": 8}
+    elif case == "new head":  # the digits source knows 0–4; a new output layer for 5–9
+        cfg, source, method, weights = digits_cfg([5, 6, 7, 8, 9]), digits_source, "full", "model.safetensors"
+    else:
+        cfg, source, method, weights = sft_config(tmp_path), folder, "lora", "adapter.safetensors"
+    cfg["train"] |= every
+    whole = finetune(cfg, source, method=method, out=tmp_path / "whole", log=lambda *_: None)
+    cut = cut_short(whole, tmp_path / "cut")
+    lines: list[str] = []
+    assert zerotune.resume(cut, log=lines.append) == cut
+    assert lines[0] == f"resuming {cut} from step-000003"
+    a, b = load_file(whole / weights), load_file(cut / weights)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    before, after = (json.loads((r / "model.json").read_text()) for r in (whole, cut))
+    assert {k: after[k] for k in ("method", "base", "step", "task")} == {k: before[k] for k in
+                                                                         ("method", "base", "step", "task")}
+    if case == "sft":
+        assert (cut / "chat_template.json").read_text() == (whole / "chat_template.json").read_text()
+
+
+def test_train_resume_on_the_command_line_continues_a_fine_tuning_run(gpt_source, tmp_path):
+    from zerotune.cli import main
+
+    folder, shards = gpt_source
+    cfg = lm_config(shards)
+    cfg["train"] |= {"max_steps": 4, "checkpoint_every": 1}
+    whole = finetune(cfg, folder, method="lora", out=tmp_path / "whole", log=lambda *_: None)
+    cut = cut_short(whole, tmp_path / "cut")
+    with pytest.raises(ZerotuneError, match=r"cut: a fine-tuning run: continue it with zerotune.resume"):
+        zerotune.train(resume=cut)  # the from-scratch verb would train a new model on it
+    assert main(["train", "--resume", str(cut)]) == 0
+    a, b = load_file(whole / "adapter.safetensors"), load_file(cut / "adapter.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
 
 
 # ---------------------------------------------------------------- bad input

@@ -25,10 +25,10 @@ import yaml
 import zerotune
 from tests.helpers import write_char_shards
 from tests.train.test_distributed import cut, free_port
-from zerotune import cli
+from zerotune import cli, files
 from zerotune.errors import ZerotuneError
-from zerotune.finetune.api import ADAPTER, finetune
-from zerotune.train import checkpoint as ckpt
+from zerotune.finetune.api import finetune
+from zerotune.run import ADAPTER
 
 TOL = {"atol": 1e-5, "rtol": 0}
 LORA = {"lora": {"r": 2, "alpha": 4}}
@@ -57,7 +57,7 @@ def ft_config(shards: Path, strategy: str = "auto", **finetune_section) -> dict:
 
 
 def assert_same(a: Path, b: Path, name: str) -> None:
-    wa, wb = ckpt.load_weights(a / name), ckpt.load_weights(b / name)
+    wa, wb = files.load_weights(a / name), files.load_weights(b / name)
     assert sorted(wa) == sorted(wb)  # the single-process names: no "module." prefixes
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], **TOL, msg=k)
@@ -122,7 +122,7 @@ def test_ddp_full_matches_one_process(two):
 
 def test_ddp_freeze_matches_one_process(two):
     assert_same(two / "freeze", two / "two_freeze", "model.safetensors")
-    before, after = ckpt.load_weights(two / "src" / "model.safetensors"), ckpt.load_weights(
+    before, after = files.load_weights(two / "src" / "model.safetensors"), files.load_weights(
         two / "two_freeze" / "model.safetensors")
     for k in before:  # train_last 1: block 0 and the embeddings stay as they were
         if k.startswith(("blocks.0.", "tok_emb", "pos_emb")):

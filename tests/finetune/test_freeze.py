@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from zerotune.data.base import DataInfo
 from zerotune.errors import ZerotuneError
 from zerotune.finetune.freeze import find_blocks, freeze, freeze_all_but_last, train_head_only, unfreeze
 from zerotune.models.bert import BERTConfig, build
 from zerotune.models.mlp import MLP
+from zerotune.spec import DataInfo
 
 CFG = BERTConfig(vocab_size=99, hidden=32, layers=3, heads=4, intermediate=37, max_position=32, dropout=0.0)
 EMB = (99 + 32 + 2) * 32 + 2 * 32  # word + position + type embeddings, LayerNorm

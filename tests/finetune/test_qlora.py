@@ -5,25 +5,56 @@ from torch import nn
 
 pytest.importorskip("bitsandbytes")
 
-from zerotune.data.base import DataInfo  # noqa: E402
 from zerotune.errors import ZerotuneError  # noqa: E402
-from zerotune.finetune.lora import LoRALinear, lora_layers, unwrap_lora  # noqa: E402
+from zerotune.finetune.lora import LoRALinear, apply_lora, lora_layers, mark_only_lora_as_trainable, unwrap_lora  # noqa: E402
 from zerotune.finetune.qlora import (  # noqa: E402
     dequantize_model,
     dequantize_weight,
     is_quantized,
-    prepare_qlora,
     quantize_for_qlora,
     quantize_linear,
-    quantized_bytes,
 )
 from zerotune.models.gpt import GPTConfig, build  # noqa: E402
+from zerotune.spec import DataInfo  # noqa: E402
 
 # The 16 NormalFloat levels, QLoRA paper (Dettmers et al., 2023), appendix E
 NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
                     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
                     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
                     0.7229568362236023, 1.0])
+
+
+def prepare_qlora(model: nn.Module, targets: list[str], r: int = 8, alpha: float = 16.0, bits: int = 4) -> int:
+    """LoRA on ``targets``, then quantize the frozen linear layers, then train only the adapters."""
+    apply_lora(model, targets, r, alpha)
+    quantize_for_qlora(model, bits)
+    return mark_only_lora_as_trainable(model)
+
+
+def quantized_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes the quantized layers' weights take, bytes the same weights take in fp32): the packed
+    weights and everything needed to dequantize them (block maxima, their own quantization state,
+    the codebook, int8 row scales); biases are not counted."""
+    import bitsandbytes as bnb
+
+    stored, fp32 = 0, 0
+    for m in model.modules():
+        if not is_quantized(m):
+            continue
+        w = m.weight
+        stored += w.data.numel() * w.data.element_size()
+        fp32 += m.in_features * m.out_features * 4
+        if isinstance(m, bnb.nn.Linear4bit):
+            state = w.quant_state
+            tensors = [state.absmax, state.code]
+            if state.nested:
+                tensors += [state.state2.absmax, state.state2.code, state.offset]
+            stored += sum(t.numel() * t.element_size() for t in tensors)
+        else:
+            scb = getattr(m.weight, "SCB", None)
+            scb = scb if scb is not None else m.state.SCB
+            stored += scb.numel() * scb.element_size()
+    return stored, fp32
 
 
 def nf4_reference(w: torch.Tensor, block: int = 64) -> torch.Tensor:
@@ -181,7 +212,7 @@ def test_state_dict_of_another_base_is_refused():
 def test_qlora_method_through_the_finetune_verb_on_minilm(tmp_path):
     """`zerotune finetune --method qlora` end to end: 4-bit MiniLM base, LoRA + head train, adapter saved."""
     pytest.importorskip("bitsandbytes")
-    from zerotune.evaluate import evaluate
+    from zerotune.evaluate.api import evaluate
     from zerotune.finetune.api import finetune
 
     cfg = {"task": "classification",

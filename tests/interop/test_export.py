@@ -13,9 +13,9 @@ import zerotune
 from tests.finetune.test_api import digits_cfg, lm_config, make_gpt_source, text_config, write_text_csv
 from zerotune.errors import ZerotuneError
 from zerotune.finetune.api import finetune
-from zerotune.finetune.heads import pool
 from zerotune.interop.export import export
-from zerotune.run import load_run
+from zerotune.load import load_run
+from zerotune.models.heads import pool
 
 transformers = pytest.importorskip("transformers")
 QUIET = {"log": lambda *_: None}

@@ -227,13 +227,13 @@ def test_folder_errors(tmp_path):
     with pytest.raises(ZerotuneError, match="config.json not found"):
         load_pretrained(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", **{k: 4 for k in HF_TINY}}))
-    with pytest.raises(ZerotuneError, match="no weights found"):
+    with pytest.raises(ZerotuneError, match="no weights: expected model.safetensors"):
         load_hf_bert(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ZerotuneError, match="model.safetensors: not a readable safetensors file"):
         load_hf_bert(tmp_path)
     (tmp_path / "config.json").write_text("{oops")
-    with pytest.raises(ZerotuneError, match="config.json: invalid JSON"):
+    with pytest.raises(ZerotuneError, match="config.json: not valid JSON"):
         load_hf_bert(tmp_path)
 
 

@@ -35,12 +35,12 @@ def test_load_run_folder(tmp_path):
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10) and tokenizer is None
 
 
-@pytest.mark.parametrize("raw, fragment", [(b"[1, 2]", "expected a JSON object"), (b"\xff\xfe{", "invalid JSON"),
-                                           (b'{"pooling_mode_mean', "invalid JSON")])
+@pytest.mark.parametrize("raw, fragment", [(b"[1, 2]", "expected a JSON object"), (b"\xff\xfe{", "not UTF-8 text"),
+                                           (b'{"pooling_mode_mean', "not valid JSON")])
 def test_bad_sentence_transformers_pooling_file_is_one_line(tmp_path, raw, fragment):
-    from zerotune.interop.hf import _sentence_pooling
+    from zerotune.interop.hf import sentence_pooling
 
     (tmp_path / "1_Pooling").mkdir()
     (tmp_path / "1_Pooling" / "config.json").write_bytes(raw)
     with pytest.raises(ZerotuneError, match=rf"1_Pooling/config.json: {fragment}"):
-        _sentence_pooling(tmp_path)
+        sentence_pooling(tmp_path)

@@ -20,7 +20,7 @@ from zerotune.config import load_config
 from zerotune.errors import ZerotuneError
 from zerotune.finetune.api import finetune
 from zerotune.interop.export import export
-from zerotune.run import load_run
+from zerotune.load import load_run
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

@@ -14,11 +14,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tests.helpers import n_parameters
 from zerotune.config import load_config
-from zerotune.data.base import DataInfo
 from zerotune.errors import ZerotuneError
 from zerotune.inspect import inspect_model
-from zerotune.models import ARCHS, build_model, count_parameters
+from zerotune.models import ARCHS, build_model
+from zerotune.spec import DataInfo
 
 TEN = [str(i) for i in range(10)]
 
@@ -193,7 +194,7 @@ def test_mlp_hand_counts():
     2·(784·64 + 64·64 + 64·10) = 109,824 forward FLOPs per example (2·in·out per Linear)."""
     info = DataInfo("image", [1, 28, 28], classes=TEN)
     model = build_model(load_config({"model": {"arch": "mlp", "hidden": [64, 64]}}).model, info)
-    assert count_parameters(model) == 55_050
+    assert n_parameters(model) == 55_050
     report = inspect_model(model, torch.zeros(3, 1, 28, 28))
     assert report.total_params == 55_050
     assert report.flops_per_sample == 2 * (784 * 64 + 64 * 64 + 64 * 10) == 109_824

@@ -10,11 +10,12 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from tests.helpers import n_parameters
 from zerotune.config import load_config
-from zerotune.data.base import DataInfo
 from zerotune.errors import ZerotuneError
-from zerotune.models import build_model, count_parameters
+from zerotune.models import build_model
 from zerotune.models.cnn import BasicBlock, CNNConfig, ResNetConfig, build, build_resnet
+from zerotune.spec import DataInfo
 
 TEN = [str(i) for i in range(10)]
 SHAPES = {"digits": [1, 8, 8], "mnist": [1, 28, 28], "cifar": [3, 32, 32]}
@@ -92,7 +93,7 @@ def test_cnn_hand_parameter_count():
     """channels [32, 64], 3×3, no norm, flatten, linear head on 1×28×28:
     (1·9·32 + 32) + (32·9·64 + 64) + (64·7·7·10 + 10) = 320 + 18,496 + 31,370 = 50,186."""
     info = DataInfo("image", [1, 28, 28], classes=TEN)
-    assert count_parameters(build(CNNConfig(channels=[32, 64]), info)) == 50_186
+    assert n_parameters(build(CNNConfig(channels=[32, 64]), info)) == 50_186
 
 
 def test_resnet_hand_parameter_count():
@@ -101,7 +102,7 @@ def test_resnet_hand_parameter_count():
     block 4→8 stride 2: (4·8·9 + 16) + (8·8·9 + 16) + shortcut (4·8 + 16) = 944; head 8·10 + 10 = 90."""
     info = DataInfo("image", [3, 32, 32], classes=TEN)
     model = build_resnet(ResNetConfig(widths=[4, 8], blocks=[1, 1]), info)
-    assert count_parameters(model) == 116 + 304 + 944 + 90 == 1_454
+    assert n_parameters(model) == 116 + 304 + 944 + 90 == 1_454
 
 
 def _record(shapes: dict, name: str, module, args, out) -> None:

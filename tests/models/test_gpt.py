@@ -10,7 +10,6 @@ import torch.nn.functional as F
 import yaml
 
 from zerotune.config import load_config
-from zerotune.data.base import DataInfo
 from zerotune.errors import ZerotuneError
 from zerotune.models import build_model
 from zerotune.models.gpt import (
@@ -22,6 +21,7 @@ from zerotune.models.gpt import (
     num_params,
     rope_inv_freq,
 )
+from zerotune.spec import DataInfo
 
 GPT2_STYLE = dict(vocab_size=99, block_size=32, n_layer=2, n_head=4, d_model=32)
 LLAMA_STYLE = dict(

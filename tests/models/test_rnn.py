@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from tests.helpers import n_parameters
 from zerotune.config import load_config
-from zerotune.data.base import DataInfo
 from zerotune.errors import ZerotuneError
-from zerotune.models import count_parameters
 from zerotune.models.rnn import RNNConfig, build
+from zerotune.spec import DataInfo
 
 PAD = 0
 TOKENS = DataInfo("tokens", [9], classes=["a", "b", "c"], vocab_size=20, pad_id=PAD)
@@ -166,11 +166,11 @@ def test_hand_parameter_counts():
     """LSTM F=3 → H=4, 2 classes: 4·4·(3 + 4) weights + 2·4·4 biases = 144, head 4·2 + 2 = 10.
     Bidirectional doubles the LSTM (288) and the head reads 8 features (8·2 + 2 = 18)."""
     info = DataInfo("sequence", [5, 3], classes=["a", "b"])
-    assert count_parameters(build(RNNConfig(cell="lstm", hidden=4), info)) == 154
-    assert count_parameters(build(RNNConfig(cell="lstm", hidden=4, bidirectional=True), info)) == 306
+    assert n_parameters(build(RNNConfig(cell="lstm", hidden=4), info)) == 154
+    assert n_parameters(build(RNNConfig(cell="lstm", hidden=4, bidirectional=True), info)) == 306
     # GRU, 2 layers on tokens: embedding 20·6; layer 1 3·5·(6+5) + 2·3·5; layer 2 3·5·(5+5) + 30; head 5·3 + 3
     gru = build(RNNConfig(cell="gru", hidden=5, layers=2, embed_dim=6), TOKENS)
-    assert count_parameters(gru) == 120 + (165 + 30) + (150 + 30) + 18
+    assert n_parameters(gru) == 120 + (165 + 30) + (150 + 30) + 18
 
 
 def test_dropout_between_layers_only_when_stacked(recwarn):

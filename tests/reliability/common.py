@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from tests.conftest import tiny_config
-from zerotune.train import checkpoint as ckpt
+from zerotune import files
 
 ZT = [sys.executable, "-m", "zerotune"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,7 +81,7 @@ def metrics_without_timing(run: Path) -> list[dict]:
 
 
 def assert_same_final_weights(a: Path, b: Path) -> None:
-    wa, wb = ckpt.load_weights(a / "model.safetensors"), ckpt.load_weights(b / "model.safetensors")
+    wa, wb = files.load_weights(a / "model.safetensors"), files.load_weights(b / "model.safetensors")
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), f"{k} differs"

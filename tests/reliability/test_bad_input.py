@@ -22,6 +22,7 @@ from tests.reliability.common import (
     run_config,
     write_config,
 )
+from zerotune import files as zfiles
 from zerotune.cli import main
 from zerotune.train import checkpoint as ckpt
 from zerotune.train import loop
@@ -190,6 +191,8 @@ def test_disk_full_while_checkpointing_keeps_old_checkpoints_and_resumes(tmp_pat
         return real(tensors, filename, metadata=metadata)
 
     monkeypatch.setattr(ckpt, "save_file", save_file)
+
+    monkeypatch.setattr(zfiles, "save_file", save_file)
     assert main(["train", str(config), "--out", str(run)]) == 1
     err = capfd.readouterr().err.splitlines()
     assert len(err) == 1 and "cannot write the checkpoint (No space left on device)" in err[0], err
@@ -200,6 +203,7 @@ def test_disk_full_while_checkpointing_keeps_old_checkpoints_and_resumes(tmp_pat
     no_leftovers(run)
     assert not (run / "model.json").exists()
     monkeypatch.setattr(ckpt, "save_file", real)  # space freed: the run resumes and ends as if never stopped
+    monkeypatch.setattr(zfiles, "save_file", real)
     assert main(["train", "--resume", str(run)]) == 0
     assert_same_final_weights(run, reference_run)
     assert_same_metrics(run, reference_run)
@@ -230,11 +234,13 @@ def test_safetensors_write_error_is_a_run_failure(tmp_path, monkeypatch):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(ckpt, "save_file", full)
+
+    monkeypatch.setattr(zfiles, "save_file", full)
     w = {"w": torch.zeros(2)}
     with pytest.raises(RunFailed, match=r"step-000001: cannot write the checkpoint \(Error while serializing: I/O err"):
         ckpt.save_checkpoint(tmp_path, "step-000001", w, {})
     with pytest.raises(RunFailed, match=r"m.safetensors: cannot write the file \(Error while serializing"):
-        ckpt.save_weights(tmp_path / "m.safetensors", w)
+        zfiles.save_weights(tmp_path / "m.safetensors", w)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -16,14 +16,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zerotune.config import DataConfig, load_config
-from zerotune.data import SOURCES, load_source
 from zerotune.data.cifar import read_batch
 from zerotune.data.idx import read_idx
 from zerotune.data.shards import ShardDataset
+from zerotune.data.sources import SOURCES, load_source
 from zerotune.data.tabular import load_csv, load_jsonl
 from zerotune.data.tokenizer import load_tokenizer
 from zerotune.errors import ZerotuneError
-from zerotune.train.checkpoint import load_weights
+from zerotune.files import load_weights
 
 FUZZ = settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
@@ -323,7 +323,7 @@ def _png_bytes() -> bytes:
 @FUZZ
 @given(blob=st.one_of(st.binary(max_size=40), mutated(_npz_bytes())))
 def test_npz_arrays_reader(scratch, blob):
-    from zerotune.data import load_arrays
+    from zerotune.data.sources import load_arrays
 
     path = scratch / "a.npz"
     path.write_bytes(blob)
@@ -367,6 +367,7 @@ def test_checkpoint_folder_reader(scratch, state, manifest, files):
     import shutil
     import warnings
 
+    from zerotune import files as zfiles
     from zerotune.train import checkpoint as ckpt
 
     root = scratch / "ckpts"
@@ -374,7 +375,7 @@ def test_checkpoint_folder_reader(scratch, state, manifest, files):
     folder = root / "step-000003"
     (folder / "sub").mkdir(parents=True)
     (folder / "state.pt").write_bytes(state)
-    ckpt.save_weights(folder / "weights.safetensors", {"w": np.zeros(2, np.float32)} and {})
+    zfiles.save_weights(folder / "weights.safetensors", {"w": np.zeros(2, np.float32)} and {})
     digests = {f: hashlib.sha256((folder / f).read_bytes()).hexdigest() if (folder / f).is_file() else "0"
                for f in ("weights.safetensors", "state.pt")}
     if manifest is None:  # a manifest that matches, with fuzzed entries

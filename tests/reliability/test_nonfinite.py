@@ -12,6 +12,7 @@ from sklearn.datasets import load_digits
 
 from tests.conftest import tiny_config
 from tests.reliability.common import write_config, zt
+from zerotune import files
 from zerotune.cli import main
 from zerotune.errors import RunFailed
 from zerotune.train import checkpoint as ckpt
@@ -53,7 +54,7 @@ def test_skip_drops_exactly_the_bad_update(tmp_path, nan_at):
     assert [m for m in logs if m.startswith("warning")] == [
         "warning: step 5: non-finite loss; update skipped (1/2)"]
     before = ckpt.load_checkpoint(run / "checkpoints" / "step-000005")[0]
-    after = ckpt.load_weights(run / "model.safetensors")  # the step-6 weights: the update at step 5 was dropped
+    after = files.load_weights(run / "model.safetensors")  # the step-6 weights: the update at step 5 was dropped
     for k, v in before.items():
         assert torch.equal(after[k], v), k
     a = optimizer_tensors(run / "checkpoints" / "step-000005")
@@ -66,7 +67,7 @@ def test_skip_continues_training(tmp_path, nan_at):
     nan_at(5)
     cfg = tiny_config(epochs=1, on_nonfinite="skip", max_skips=1)
     run = train(cfg, out=tmp_path / "r", **QUIET)
-    final = ckpt.load_weights(run / "model.safetensors")
+    final = files.load_weights(run / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in final.values())
     meta = json.loads((run / "model.json").read_text())
     assert meta["finished"] and meta["step"] == 21  # 1,294 examples / 64 per batch
@@ -140,8 +141,9 @@ class SqrtAtZero(torch.nn.Module):
 @pytest.mark.parametrize("grad_clip", [0.0, 1.0])
 def test_nonfinite_gradient_under_a_finite_loss_stops_at_its_step(grad_clip):
     from zerotune.config import Config
-    from zerotune.data import Data
-    from zerotune.data.base import DataInfo, Split
+    from zerotune.data.base import Split
+    from zerotune.data.splits import Data
+    from zerotune.spec import DataInfo
     from zerotune.train.loop import train_loop
 
     g = torch.Generator().manual_seed(0)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from zerotune import files
 from zerotune.cli import main
 from zerotune.config import load_config
 from zerotune.errors import ZerotuneError
@@ -98,7 +99,7 @@ def test_resume_from_a_checkpoint_whose_pickle_runs_code_is_refused(tmp_path, mo
     (folder / "manifest.json").write_text(json.dumps(manifest))
     assert main(["train", "--resume", str(run)]) == 2
     err = capfd.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: {folder}: state.pt cannot be loaded safely"), err
+    assert len(err) == 1 and err[0].startswith(f"error: {folder / 'state.pt'}: cannot be loaded safely"), err
     assert not (tmp_path / "PWNED").exists()
 
 
@@ -157,7 +158,7 @@ def test_safetensors_garbage_is_a_clean_error(tmp_path, name):
     path = tmp_path / "model.safetensors"
     path.write_bytes(GARBAGE[name])
     with pytest.raises(ZerotuneError, match=rf"^{path}: not a readable safetensors file \(.+\)$"):
-        ckpt.load_weights(path)
+        files.load_weights(path)
 
 
 # ---------------------------------------------------------------- a run that does not fit its weights
@@ -170,7 +171,7 @@ def _edit_json(path: Path, edit) -> None:
 
 
 def _edit_weights(path: Path, edit) -> None:
-    weights = ckpt.load_weights(path)
+    weights = files.load_weights(path)
     edit(weights)
     save_file(weights, str(path))
 

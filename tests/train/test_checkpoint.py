@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from zerotune import files
 from zerotune.errors import RunFailed, ZerotuneError
 from zerotune.train import checkpoint as ckpt
 
@@ -48,10 +49,12 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt, "save_file", full)
+
+    monkeypatch.setattr(files, "save_file", full)
     with pytest.raises(RunFailed, match="step-000001: cannot write the checkpoint \\(No space left on device\\)"):
         ckpt.save_checkpoint(tmp_path, "step-000001", weights(), {"v": 2})
     with pytest.raises(RunFailed, match="model.safetensors: cannot write the file \\(No space left on device\\)"):
-        ckpt.save_weights(tmp_path / "model.safetensors", weights())
+        files.save_weights(tmp_path / "model.safetensors", weights())
     assert ckpt.verify(good) is None
     assert ckpt.load_checkpoint(good)[1] == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["step-000001"]  # no temp leftovers
@@ -80,8 +83,8 @@ def test_tied_weights_save(tmp_path):
     head = nn.Linear(3, 5, bias=False)
     head.weight = emb.weight
     sd = {"emb.weight": emb.weight, "head.weight": head.weight}
-    ckpt.save_weights(tmp_path / "m.safetensors", sd)
-    out = ckpt.load_weights(tmp_path / "m.safetensors")
+    files.save_weights(tmp_path / "m.safetensors", sd)
+    out = files.load_weights(tmp_path / "m.safetensors")
     torch.testing.assert_close(out["head.weight"], emb.weight.detach())
 
 
@@ -89,12 +92,12 @@ def test_bad_weights_file_and_shape_mismatch(tmp_path):
     p = tmp_path / "m.safetensors"
     p.write_bytes(b"\x00garbage")
     with pytest.raises(ZerotuneError, match="m.safetensors: not a readable safetensors file"):
-        ckpt.load_weights(p)
+        files.load_weights(p)
     model = nn.Linear(4, 3)
     with pytest.raises(ZerotuneError, match="tensor 'weight' has shape \\(2, 4\\), the model expects \\(3, 4\\)"):
-        ckpt.load_state_dict_checked(model, {"weight": torch.zeros(2, 4), "bias": torch.zeros(3)}, p)
+        files.load_state_dict_checked(model, {"weight": torch.zeros(2, 4), "bias": torch.zeros(3)}, p)
     with pytest.raises(ZerotuneError, match="tensor 'bias' is missing"):
-        ckpt.load_state_dict_checked(model, {"weight": torch.zeros(3, 4)}, p)
+        files.load_state_dict_checked(model, {"weight": torch.zeros(3, 4)}, p)
 
 
 def test_recover_a_save_killed_between_its_renames(tmp_path):

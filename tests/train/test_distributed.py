@@ -29,15 +29,15 @@ from torch import nn
 
 from tests.conftest import tiny_config
 from tests.helpers import write_char_shards
-from zerotune import cli
+from zerotune import cli, files
 from zerotune.config import Config, load_config
 from zerotune.data.shards import ShardDataset
-from zerotune.errors import ZerotuneError
+from zerotune.errors import DistributedError, ZerotuneError
 from zerotune.train import checkpoint as ckpt
-from zerotune.train import distributed as D
-from zerotune.train.api import make_task, train
+from zerotune.train import launch, parallel
+from zerotune.train.api import train
 from zerotune.train.loop import seed_everything, train_loop
-from zerotune.train.tasks import LanguageModelTask, SupervisedTask, share
+from zerotune.train.tasks import LanguageModelTask, SupervisedTask, make_task, share
 
 CFG = tiny_config(epochs=1, batch_size=51, grad_clip=0.5, checkpoint_every=10, keep_last=10)  # 26 steps
 DIST = {**CFG, "train": {**CFG["train"], "grad_accum": 3}}
@@ -46,7 +46,7 @@ quiet = lambda *a, **k: None
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
-    return ckpt.load_weights(run / "model.safetensors")
+    return files.load_weights(run / "model.safetensors")
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -94,18 +94,16 @@ def lm_configs(shards: Path) -> dict[str, dict]:
 def fresh(cfg: dict) -> tuple[nn.Module, LanguageModelTask | SupervisedTask, Config]:
     """The model (seeded as ``train`` seeds it), task and resolved config of ``cfg``."""
     from zerotune.models import build_model
-    from zerotune.train.api import resolve_vocab
+    from zerotune.train.tasks import resolve_vocab
 
     config = load_config(cfg)
     task = make_task(config, torch.device("cpu"))
     config = resolve_vocab(config, task.info)
-    if hasattr(task, "model_cfg"):
-        task.model_cfg = config.model  # with the vocabulary resolved, for the FLOPs count
     seed_everything(config.seed)
     return build_model(config.model, task.info), task, config
 
 
-def run_loop(cfg: dict, par: D.Parallel, **kw) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def run_loop(cfg: dict, par: parallel.Parallel, **kw) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """``train_loop`` on a fresh model, no run folder: the final weights (rank 0) and metrics records."""
     model, task, config = fresh(cfg)
     records: list[dict] = []
@@ -135,7 +133,7 @@ class Blocks(nn.Module):
         return self.out(h)  # (B, 10)
 
 
-def train_blocks(par: D.Parallel) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def train_blocks(par: parallel.Parallel) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     cfg = load_config(CFG)
     task = make_task(cfg, torch.device("cpu"))
     torch.manual_seed(0)
@@ -162,11 +160,11 @@ def _worker(rank: int, root: Path, port: int) -> None:
     train(fsdp, out=root / "fsdp", log=quiet)
     train(resume=root / "single_cut", log=quiet)  # saved by 1 process (its config: strategy fsdp)
     train(image_config(root, in_memory=False), out=root / "files", log=quiet)  # DDP, each rank decodes its rows
-    par = D.Parallel(rank, 2, "fsdp", torch.device("cpu"), activation_checkpointing=True)
+    par = parallel.Parallel(rank, 2, "fsdp", torch.device("cpu"), activation_checkpointing=True)
     model, state = train_blocks(par)
     result["sharded"] = [isinstance(m, FSDPModule) for m in (model, model.blocks[0], model.blocks[1], model.inp)]
     if rank == 0:
-        ckpt.save_weights(root / "blocks_fsdp.safetensors", state)
+        files.save_weights(root / "blocks_fsdp.safetensors", state)
     try:
         train(fsdp, out=root / "fsdp", log=quiet)  # exists, no overwrite: rank 0 refuses for everyone
     except ZerotuneError as e:
@@ -217,19 +215,20 @@ def _lm_worker(rank: int, root: Path, port: int) -> None:
         model, task, _ = fresh(cfg)
         forwards: list[int] = []
         model.register_forward_pre_hook(lambda m, args, seen=forwards: seen.append(len(args[0])))
-        par = D.Parallel(rank, 2, "fsdp", cpu)
-        result[f"{name}_val"] = par.evaluate_val(task, par.wrap(model))
+        par = parallel.Parallel(rank, 2, "fsdp", cpu)
+        result[f"{name}_val"] = task.evaluate(par.unwrap(par.wrap(model)), task.split("val"), par)
         result[f"{name}_forwards"] = forwards
         reads.clear()
-        saved[name], result[f"{name}_records"] = run_loop(cfg, D.Parallel(rank, 2, cfg["train"]["strategy"], cpu))
+        strategy = cfg["train"]["strategy"]
+        saved[name], result[f"{name}_records"] = run_loop(cfg, parallel.Parallel(rank, 2, strategy, cpu))
         result[f"{name}_reads"] = list(reads)
-    par = D.Parallel(rank, 2, "ddp", cpu)
+    par = parallel.Parallel(rank, 2, "ddp", cpu)
     saved["dropout"], _ = run_loop(dropout, par, checkpoints=root / "dropout")
     dist.barrier()  # rank 0 has written the checkpoints
     saved["dropout_resumed"], _ = run_loop(dropout, par, resume=root / "dropout" / ckpt.step_name(4))
     if rank == 0:
         for name, state in saved.items():
-            ckpt.save_weights(root / f"{name}.safetensors", state)
+            files.save_weights(root / f"{name}.safetensors", state)
     (root / f"lm_rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
     cli.leave(0)  # as a torchrun worker does: gloo's threads can abort the interpreter's teardown
@@ -322,8 +321,8 @@ def test_checkpoint_of_two_processes_resumes_on_one(single, two, tmp_path):
 
 def test_fsdp_shards_each_block_with_activation_checkpointing(two):
     assert json.loads((two / "rank1.json").read_text())["sharded"] == [True, True, True, False]
-    _, one = train_blocks(D.Parallel())
-    two_w = ckpt.load_weights(two / "blocks_fsdp.safetensors")
+    _, one = train_blocks(parallel.Parallel())
+    two_w = files.load_weights(two / "blocks_fsdp.safetensors")
     assert sorted(one) == sorted(two_w)
     for k in one:
         torch.testing.assert_close(two_w[k], one[k], **TOL, msg=k)
@@ -355,7 +354,7 @@ def test_language_model_validation_is_split_across_processes(lm_two, name):
     assert task.val.n_eval_batches(batch, task.block_size, 3) == 3
     assert [r[f"{name}_forwards"] for r in ranks] == [[batch, batch], [batch, 1]]
     assert ranks[0][f"{name}_val"] == ranks[1][f"{name}_val"]
-    one = task.evaluate_val(model)
+    one = task.evaluate(model, task.split("val"))
     assert ranks[0][f"{name}_val"] == pytest.approx(one, rel=1e-12, abs=0)
 
 
@@ -365,8 +364,8 @@ def test_each_process_reads_only_its_share_of_the_language_model_batch(lm_two, n
     batch, steps = cfg["train"]["batch_size"], cfg["train"]["max_steps"]
     ranks = [json.loads((lm_two / f"lm_rank{r}.json").read_text()) for r in (0, 1)]
     assert [r[f"{name}_reads"] for r in ranks] == [[batch - batch // 2] * steps, [batch // 2] * steps]
-    one, ref = run_loop(cfg, D.Parallel())
-    two = ckpt.load_weights(lm_two / f"{name}.safetensors")
+    one, ref = run_loop(cfg, parallel.Parallel())
+    two = files.load_weights(lm_two / f"{name}.safetensors")
     for k in one:
         if k.endswith("attn.key.bias"):
             # q·b_k is the same for every key of a query, so softmax cancels it: the exact gradient is 0 and
@@ -385,8 +384,8 @@ def test_two_processes_with_dropout_resume_exactly_on_two(lm_two):
     a, b = (s["torch"] for s in state["rng_ranks"])
     assert not torch.equal(a, b)  # shares of 4 and 3 windows draw different numbers of dropout masks
     assert torch.equal(state["rng"]["torch"], a)
-    whole = ckpt.load_weights(lm_two / "dropout.safetensors")
-    resumed = ckpt.load_weights(lm_two / "dropout_resumed.safetensors")  # from step 4, on 2 processes
+    whole = files.load_weights(lm_two / "dropout.safetensors")
+    resumed = files.load_weights(lm_two / "dropout_resumed.safetensors")  # from step 4, on 2 processes
     for k in whole:
         torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=0, msg=k)
 
@@ -470,7 +469,7 @@ def test_other_ranks_leave_shared_input_errors_to_rank_0(tmp_path, monkeypatch, 
     monkeypatch.setenv("RANK", "1")
     assert cli.main(["train", str(tmp_path / "missing.yaml")]) == 2
     assert capsys.readouterr().err == ""
-    assert D.should_report(D.DistributedError("rank 1: lost contact"))
+    assert launch.should_report(DistributedError("rank 1: lost contact"))
 
 
 # ---------------------------------------------------------------- pieces, one process
@@ -479,8 +478,10 @@ def test_other_ranks_leave_shared_input_errors_to_rank_0(tmp_path, monkeypatch, 
 def test_a_share_of_a_batch_is_those_rows_of_the_whole_batch(lm_root, monkeypatch):
     """task.batch(step, rank, W) for each rank, stacked, is task.batch(step): the same windows,
     masks and augmentation; and a rank reads only its own windows from the shards."""
+    from zerotune.config import ChatTemplate
+    from zerotune.data.chat import SFTData
     from zerotune.data.tokenizer import load_tokenizer
-    from zerotune.finetune.sft import ChatTemplate, SFTData, SFTTask
+    from zerotune.train.tasks import SFTTask
 
     cfg = load_config({**tiny_config(batch_size=7), "data": {"train": "builtin:digits", "augment": {
         "enabled": True, "hflip": True, "crop_padding": 1, "rotate": 10, "translate": 0.1, "scale": 0.1,
@@ -513,7 +514,7 @@ def test_micro_batches_cover_the_global_batch_in_order(n, batch, world, accum):
     x, y = torch.arange(n * 2.0).reshape(n, 2), torch.arange(n)
     shares = [share(n, r, world) for r in range(world)]
     assert [len(y[s]) for s in shares] == [len(part) for part in y.tensor_split(world)]
-    per_rank = [D.Parallel(rank=r, world_size=world).micro_batches(x[s], y[s], n, batch, accum)
+    per_rank = [parallel.Parallel(rank=r, world_size=world).micro_batches(x[s], y[s], n, batch, accum)
                 for r, s in enumerate(shares)]
     assert len({len(parts) for parts in per_rank}) == 1  # the same number of forwards on every rank
     micro = math.ceil(math.ceil(batch / world) / accum)
@@ -529,10 +530,10 @@ def test_optimizer_state_names_round_trip():
     opt = torch.optim.Adam(model.parameters())
     model(torch.randn(3, 64)).sum().backward()
     opt.step()
-    names = D.param_names(model, opt)
+    names = parallel.param_names(model, opt)
     assert names == [n for n, _ in model.named_parameters()]
     state = opt.state_dict()
-    back = D.by_index(D.by_name(state, names), names)
+    back = parallel.by_index(parallel.by_name(state, names), names)
     assert back["param_groups"] == state["param_groups"]
     for i, s in state["state"].items():
         for k, v in s.items():
@@ -547,9 +548,9 @@ def test_blocks_are_the_children_of_the_outermost_module_lists():
             self.head = nn.Linear(1, 1)
 
     m = Nested()
-    assert D.blocks(m) == [m.stack[0][0], m.stack[0][1]]
-    assert D.blocks(nn.Linear(1, 1)) == []
-    assert [D.strategy_for(s, w) for s, w in [("auto", 1), ("fsdp", 1), ("auto", 2), ("fsdp", 8)]] == [
+    assert parallel.blocks(m) == [m.stack[0][0], m.stack[0][1]]
+    assert parallel.blocks(nn.Linear(1, 1)) == []
+    assert [launch.strategy_for(s, w) for s, w in [("auto", 1), ("fsdp", 1), ("auto", 2), ("fsdp", 8)]] == [
         "none", "none", "ddp", "fsdp"]
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zerotune import files
 from zerotune.errors import RunFailed, ZerotuneError
 from zerotune.train import checkpoint as ckpt
 from zerotune.train.fit import evaluate_model, fit
@@ -126,7 +127,7 @@ def test_out_writes_a_run_folder(tmp_path):
     saved = json.loads((tmp_path / "run" / "history.json").read_text())
     assert saved["history"]["val_loss"] == h.history["val_loss"]
     assert ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-000010"
-    for k, v in ckpt.load_weights(tmp_path / "run" / "model.safetensors").items():
+    for k, v in files.load_weights(tmp_path / "run" / "model.safetensors").items():
         assert torch.equal(v, model.state_dict()[k])
     with pytest.raises(ZerotuneError, match="run folder already exists"):
         fit(small_net(), (x, y), epochs=1, verbose=0, out=tmp_path / "run")

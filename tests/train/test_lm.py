@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from tests.helpers import write_char_shards
+from zerotune import files
 from zerotune.errors import ZerotuneError
-from zerotune.evaluate import evaluate
+from zerotune.evaluate.api import evaluate
 from zerotune.generate import generate_text
-from zerotune.train import checkpoint as ckpt
 from zerotune.train.api import train
 from zerotune.train.tasks import LanguageModelTask
 
@@ -65,7 +65,7 @@ def test_resume_continues_with_identical_losses(shards, tmp_path, monkeypatch):
     monkeypatch.setattr(LanguageModelTask, "batch", real)
     cut = train(resume=tmp_path / "cut", **QUIET)
     assert [r.get("loss") for r in losses(cut)] == [r.get("loss") for r in losses(full)]
-    a, b = ckpt.load_weights(full / "model.safetensors"), ckpt.load_weights(cut / "model.safetensors")
+    a, b = files.load_weights(full / "model.safetensors"), files.load_weights(cut / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

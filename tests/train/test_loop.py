@@ -4,13 +4,14 @@ import pytest
 import torch
 
 from tests.conftest import tiny_config
+from zerotune import files
 from zerotune.train import checkpoint as ckpt
 from zerotune.train.api import train
 from zerotune.train.tasks import SupervisedTask
 
 
 def final_weights(run):
-    return ckpt.load_weights(run / "model.safetensors")
+    return files.load_weights(run / "model.safetensors")
 
 
 def steps(run):

@@ -8,7 +8,7 @@ import torch
 from zerotune.data.shards import prepare
 from zerotune.data.tokenizer import train_tokenizer
 from zerotune.errors import ZerotuneError
-from zerotune.evaluate import evaluate
+from zerotune.evaluate.api import evaluate
 from zerotune.train.api import train
 from zerotune.train.tasks import MaskedLanguageModelTask
 

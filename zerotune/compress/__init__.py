@@ -2,10 +2,6 @@
 
     prune.py      magnitude pruning (layer or global), zeros written into the weights
     quantize.py   int8 weight-only quantization (per output channel), dequantized on loading
-    base.py       what both share: the model (LoRA merged), the layers, the new run, the comparison
+    layers.py     the layers whose weights both compress
+    api.py        the prune and quantize verbs: the new run folder and the comparison
 """
-
-from zerotune.compress.prune import prune
-from zerotune.compress.quantize import quantize
-
-__all__ = ["prune", "quantize"]

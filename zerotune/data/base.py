@@ -2,15 +2,17 @@
 
 A *source* (``builtin:digits``, ``idx:DIR``, ``csv:FILE`` ...) loads into a :class:`Source`:
 a train :class:`Split`, optionally its own test split, and what the model needs to know
-about the data (:class:`DataInfo`). Splitting, normalisation and batching happen later,
+about the data (:class:`zerotune.spec.DataInfo`). Splitting, normalisation and batching happen later,
 on tensors, never per sample in Python.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+
+from zerotune.spec import DataInfo
 
 
 @dataclass
@@ -34,41 +36,6 @@ class Split:
 
     def to(self, device: torch.device | str) -> Split:
         return Split(self.x.to(device), self.y.to(device))
-
-
-@dataclass
-class DataInfo:
-    """What a model builder needs to know about the data, saved in ``model.json``.
-
-    kind: ``image`` (x is float (N, C, H, W)), ``tabular`` (float (N, F)),
-        ``sequence`` (float (N, T, F)) or ``tokens`` (long (N, T) token ids).
-    target: ``classification`` (y long class ids) or ``regression`` (y float).
-    """
-
-    kind: str
-    input_shape: list[int]
-    target: str = "classification"
-    classes: list[str] = field(default_factory=list)
-    vocab_size: int | None = None
-    pad_id: int | None = None
-
-    @property
-    def n_outputs(self) -> int:
-        return len(self.classes) if self.target == "classification" else 1
-
-    def to_dict(self) -> dict:
-        return {
-            "kind": self.kind,
-            "input_shape": list(self.input_shape),
-            "target": self.target,
-            "classes": list(self.classes),
-            "vocab_size": self.vocab_size,
-            "pad_id": self.pad_id,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DataInfo:
-        return cls(**d)
 
 
 @dataclass

@@ -10,11 +10,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
-from zerotune.data.base import DataInfo, Source, Split
+from zerotune.config import DataConfig
+from zerotune.data.base import Source, Split
+from zerotune.data.tabular import table_source
 from zerotune.errors import ZerotuneError
+from zerotune.spec import DataInfo
 
 
 def digits() -> Source:
@@ -69,12 +74,8 @@ def docstring_texts() -> list[tuple[str, str]]:
     return sorted((text, next(iter(t))) for text, t in seen.items() if len(t) == 1)
 
 
-def docstrings(cfg=None) -> Source:
-    from pathlib import Path
-
-    from zerotune.data.tabular import _cfg, table_source
-
-    cfg = _cfg(cfg)
+def docstrings(cfg: DataConfig | None = None) -> Source:
+    cfg = cfg or DataConfig()
     rows = [[text, topic] for text, topic in docstring_texts()]
     header = [cfg.text_column, cfg.label_column]
     return table_source(header, rows, list(range(1, len(rows) + 1)), Path("builtin:docstrings"), cfg)
@@ -83,7 +84,7 @@ def docstrings(cfg=None) -> Source:
 BUILTINS = {"digits": digits, "diabetes": diabetes, "docstrings": docstrings}
 
 
-def load_builtin(name: str, cfg=None) -> Source:
+def load_builtin(name: str, cfg: DataConfig | None = None) -> Source:
     if name not in BUILTINS:
         raise ZerotuneError(f"unknown builtin data set {name!r}; choose from {', '.join(BUILTINS)}")
     return BUILTINS[name](cfg) if name == "docstrings" else BUILTINS[name]()

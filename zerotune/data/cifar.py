@@ -15,16 +15,14 @@ from __future__ import annotations
 import codecs
 import pickle
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from zerotune.data.base import DataInfo, Source, Split
+from zerotune.config import DataConfig
+from zerotune.data.base import Source, Split
 from zerotune.errors import ZerotuneError
-
-if TYPE_CHECKING:
-    from zerotune.config import DataConfig
+from zerotune.spec import DataInfo
 
 try:  # numpy >= 2
     from numpy._core import multiarray as _multiarray

@@ -19,13 +19,13 @@ import hashlib
 import os
 import sys
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from zerotune.errors import ZerotuneError
+from zerotune.files import atomic_write
 
 MIRROR_ENV = "ZEROTUNE_DATA_MIRROR"
 IDX_NAMES = [
@@ -86,11 +86,10 @@ def md5sum(path: Path) -> str:
 
 def fetch(url: str, target: Path, md5: str, timeout: float = 60.0) -> Path:
     """Stream ``url`` to a temporary file next to ``target``, check its MD5, rename it to ``target``."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    tmp = Path(tmp_name)
-    digest = hashlib.md5(usedforsecurity=False)
-    try:
-        with os.fdopen(fd, "wb") as out:
+
+    def write(tmp: Path) -> None:
+        digest = hashlib.md5(usedforsecurity=False)
+        with open(tmp, "wb") as out:
             try:
                 with urllib.request.urlopen(url, timeout=timeout) as response:
                     for chunk in iter(lambda: response.read(1 << 20), b""):
@@ -106,9 +105,8 @@ def fetch(url: str, target: Path, md5: str, timeout: float = 60.0) -> Path:
             raise ZerotuneError(
                 f"checksum mismatch: expected md5 {md5}, got {got}; the download was deleted", path=target
             )
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(target, write)
     return target
 
 

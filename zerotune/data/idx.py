@@ -18,16 +18,14 @@ import gzip
 import math
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from zerotune.data.base import DataInfo, Source, Split
+from zerotune.config import DataConfig
+from zerotune.data.base import Source, Split
 from zerotune.errors import ZerotuneError
-
-if TYPE_CHECKING:
-    from zerotune.config import DataConfig
+from zerotune.spec import DataInfo
 
 # IDX type code → big-endian numpy dtype
 DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}

@@ -20,18 +20,16 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from zerotune.data.base import DataInfo, Source, Split
+from zerotune.config import DataConfig
+from zerotune.data.base import Source, Split
 from zerotune.data.lazy import LazyRows, Transform, keep_in_memory
 from zerotune.errors import ZerotuneError
-
-if TYPE_CHECKING:
-    from zerotune.config import DataConfig
+from zerotune.spec import DataInfo
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}

@@ -17,10 +17,14 @@ Topics are taken in sorted order, so the set depends only on the Python version 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+from typing import Any
 
+from zerotune.data.chat import ROLES
 from zerotune.errors import ZerotuneError
+from zerotune.files import iter_jsonl, write_text
+
+BUILTIN_INSTRUCTIONS = "builtin:pydoc_instructions"
 
 MIN_OUTPUT_CHARS = 200  # keep adding paragraphs until the answer is at least this long ...
 MAX_OUTPUT_CHARS = 600  # ... and cut it (at a word) when it grows past this
@@ -101,7 +105,64 @@ def make_pydoc_instructions(out_path: str | Path, n: int | None = None) -> Path:
     path = Path(out_path)
     rows = pydoc_instructions(n)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return path
+
+
+# ---------------------------------------------------------------- rows → messages
+
+
+def messages_from_row(row: Any, where: str = "row") -> list[dict[str, str]]:
+    """One JSONL row (instruction triple or ``messages``) → a list of {role, content}.
+
+    Raises:
+        ZerotuneError: a row that is neither form, an unknown role, a non-string field,
+            or a chat without an assistant message; ``where`` names the file and line.
+    """
+    if not isinstance(row, dict):
+        raise ZerotuneError(f"expected a JSON object, got {type(row).__name__}", path=where)
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise ZerotuneError("messages: expected a non-empty list of {role, content}", path=where)
+        out = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or set(m) - {"role", "content"} or "role" not in m or "content" not in m:
+                raise ZerotuneError(f"messages[{i}]: expected an object with role and content", path=where)
+            if m["role"] not in ROLES:
+                raise ZerotuneError(f"messages[{i}].role: {m['role']!r} is not one of {', '.join(ROLES)}",
+                                    path=where)
+            if not isinstance(m["content"], str):
+                raise ZerotuneError(f"messages[{i}].content: expected a string", path=where)
+            out.append({"role": m["role"], "content": m["content"]})
+        if not any(m["role"] == "assistant" for m in out):
+            raise ZerotuneError("messages: no assistant message to learn from", path=where)
+        return out
+    for key in ("instruction", "output"):
+        if key not in row:
+            raise ZerotuneError(f"{key}: required key is missing (a row needs instruction/output or messages)",
+                                path=where)
+    for key in ("instruction", "input", "output", "system"):
+        if key in row and not isinstance(row[key], str):
+            raise ZerotuneError(f"{key}: expected a string, got {type(row[key]).__name__}", path=where)
+    user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+    out = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+    return out + [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+
+
+def load_instructions(spec: str) -> list[list[dict[str, str]]]:
+    """The chats of an instruction data spec: ``jsonl:FILE``, a ``.jsonl`` path, or ``builtin:pydoc_instructions``.
+
+    Raises:
+        ZerotuneError: missing file, invalid JSON line or bad row (file and line named), empty file.
+    """
+    if spec == BUILTIN_INSTRUCTIONS:
+        return [messages_from_row(r, BUILTIN_INSTRUCTIONS) for r in pydoc_instructions()]
+    kind, sep, arg = spec.partition(":")
+    if sep and kind == "builtin":
+        raise ZerotuneError(f"data spec {spec!r}: unknown builtin instruction set; use {BUILTIN_INSTRUCTIONS}")
+    path = Path(arg if sep and kind == "jsonl" else spec)
+    chats = [messages_from_row(row, f"{path}: line {n}") for n, row in iter_jsonl(path)]
+    if not chats:
+        raise ZerotuneError("no instruction rows", path=path)
+    return chats

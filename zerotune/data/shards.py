@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import os
-import shutil
 import sys
 import unicodedata
 from collections.abc import Iterator
@@ -41,8 +39,9 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from zerotune.data.text import iter_documents
-from zerotune.data.tokenizer import load_tokenizer, special_ids, tokenizer_file
+from zerotune.data.tokenizer import load_tokenizer, save_tokenizer, special_ids, tokenizer_file
 from zerotune.errors import ZerotuneError
+from zerotune.files import copy_file, fsync_file, read_json_object, write_json
 
 FORMAT = "zerotune-shards"
 VERSION = 1
@@ -114,12 +113,6 @@ def _encoding_copy(tok: Tokenizer) -> Tokenizer:
     enc.no_padding()
     enc.encode_special_tokens = True  # literal "<|endoftext|>" in a document stays text
     return enc
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def prepare(
@@ -194,9 +187,9 @@ def prepare(
             old.unlink()
     dst = out_dir / "tokenizer.json"
     if tok_source is None:
-        dst.write_text(tok.to_str(), encoding="utf-8")
+        save_tokenizer(tok, dst)
     elif not dst.exists() or not dst.samefile(tok_source):
-        shutil.copyfile(tok_source, dst)
+        copy_file(tok_source, dst)
 
     enc = _encoding_copy(tok)
     encode = getattr(enc, "encode_batch_fast", enc.encode_batch)  # same ids, skips char offsets
@@ -283,7 +276,10 @@ def prepare(
         "counts": {k: counts[k] for k in ("read", "kept", "duplicate", "too_short", "too_long", "bytes")},
         "splits": splits,
     }
-    _write_json(index_path, index)
+    for split in splits.values():  # the index (written last) says the shards are complete: they must be
+        for shard in split["shards"]:
+            fsync_file(out_dir / shard["file"])
+    write_json(index_path, index, indent=2)
     return counts
 
 
@@ -310,12 +306,9 @@ class ShardDataset:
             raise ZerotuneError("shard folder not found", path=self.dir)
         if not index_path.is_file():
             raise ZerotuneError("not found: not a prepared shard folder", path=index_path)
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ZerotuneError(f"not valid JSON ({e})", path=index_path) from None
+        index = read_json_object(index_path)
         self.index = index
-        if not isinstance(index, dict) or index.get("format") != FORMAT:
+        if index.get("format") != FORMAT:
             raise ZerotuneError(f'not a shard index (expected "format": "{FORMAT}")', path=index_path)
         for key in ("vocab_size", "eos_id"):
             if not isinstance(index.get(key), int) or isinstance(index.get(key), bool):

@@ -22,21 +22,19 @@ the file's own texts (NFKC + lowercase, split on whitespace and punctuation, ``[
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
-from zerotune.data.base import DataInfo, Source, Split
+from zerotune.config import DataConfig
+from zerotune.data.base import Source, Split
 from zerotune.data.tokenizer import load_tokenizer
 from zerotune.errors import ZerotuneError
-
-if TYPE_CHECKING:
-    from zerotune.config import DataConfig
+from zerotune.files import iter_jsonl
+from zerotune.spec import DataInfo
 
 PAD, UNK = "[PAD]", "[UNK]"
 PAD_CANDIDATES = (PAD, "<pad>", "<|pad|>", "<|padding|>", "</s>", "<|endoftext|>")
@@ -83,14 +81,6 @@ def encode_texts(tok: Tokenizer, texts: list[str], max_length: int, pad_id: int)
 # ---------------------------------------------------------------- reading tables
 
 
-def _cfg(cfg: DataConfig | None) -> DataConfig:
-    if cfg is None:
-        from zerotune.config import DataConfig  # late: zerotune.config imports the model zoo
-
-        cfg = DataConfig()
-    return cfg
-
-
 def read_csv(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
     """Header, rows and each row's line number; empty files and ragged rows are errors."""
     try:
@@ -124,19 +114,7 @@ def read_jsonl(path: Path) -> tuple[list[str], list[list[object]], list[int]]:
     """Field names (the first object's keys), rows of values, and line numbers."""
     header: list[str] | None = None
     rows, lines = [], []
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise ZerotuneError("not a UTF-8 text file", path=path) from None
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ZerotuneError(f"line {number}: invalid JSON ({e.msg})", path=path) from None
-        if not isinstance(obj, dict):
-            raise ZerotuneError(f"line {number}: expected a JSON object, got {type(obj).__name__}", path=path)
+    for number, obj in iter_jsonl(path):
         if header is None:
             header = list(obj)
         missing = [k for k in header if k not in obj]
@@ -219,7 +197,7 @@ def table_source(
     header: list[str], rows: list[list[object]], lines: list[int], path: Path, cfg: DataConfig | None = None
 ) -> Source:
     """Turn a parsed table into a Source (numeric features or text, see the module docstring)."""
-    cfg = _cfg(cfg)
+    cfg = cfg or DataConfig()
     if cfg.label_column is None:  # inputs only (e.g. for predict): no labels to read
         label, y, classes, target = None, torch.zeros(len(rows), dtype=torch.long), [], "classification"
     else:

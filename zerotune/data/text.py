@@ -17,13 +17,13 @@ is a corpus in itself: it is read line by line and cut into documents of about
 
 from __future__ import annotations
 
-import json
 import os
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
 from zerotune.errors import ZerotuneError
+from zerotune.files import iter_jsonl
 
 TEXT_KINDS = ("text", "jsonl", "builtin")
 TEXT_BUILTINS = ("pydoc", "stdlib")
@@ -152,36 +152,20 @@ def _large_file_pieces(f, path: Path) -> Iterator[str]:
 
 
 def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise ZerotuneError(f"line {n}: not UTF-8 text ({e.reason})", path=path) from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ZerotuneError(
-                    f"line {n}: not valid JSON ({e.msg}, column {e.colno})", path=path
-                ) from None
-            if not isinstance(obj, dict):
-                raise ZerotuneError(f"line {n}: expected a JSON object, got {type(obj).__name__}", path=path)
-            if field not in obj:
-                raise ZerotuneError(
-                    f"line {n}: no field {field!r} (fields: {', '.join(map(str, obj)) or 'none'})", path=path
-                )
-            text = obj[field]
-            if not isinstance(text, str):
-                raise ZerotuneError(
-                    f"line {n}: field {field!r} is {type(text).__name__}, expected a string", path=path
-                )
-            if "\\u" in line:  # only \u escapes can smuggle in lone surrogates that no encoder accepts
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise ZerotuneError(
-                        f"line {n}: field {field!r} holds an unpaired surrogate escape", path=path
-                    ) from None
-            yield text
+    for n, obj in iter_jsonl(path):
+        if field not in obj:
+            raise ZerotuneError(
+                f"line {n}: no field {field!r} (fields: {', '.join(map(str, obj)) or 'none'})", path=path
+            )
+        text = obj[field]
+        if not isinstance(text, str):
+            raise ZerotuneError(
+                f"line {n}: field {field!r} is {type(text).__name__}, expected a string", path=path
+            )
+        try:  # a \u escape can smuggle in a lone surrogate that no encoder accepts
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ZerotuneError(
+                f"line {n}: field {field!r} holds an unpaired surrogate escape", path=path
+            ) from None
+        yield text

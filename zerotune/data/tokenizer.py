@@ -23,13 +23,13 @@ never inject a control token (token shards are encoded the same way).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from zerotune.data.text import iter_documents
 from zerotune.errors import ZerotuneError
+from zerotune.files import atomic_write
 
 SPECIAL_TOKENS = ["<|pad|>", "<|unk|>", "<|bos|>", "<|eos|>", "<|mask|>"]
 CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -144,10 +144,13 @@ def train_tokenizer(
     if n_docs == 0:
         raise ZerotuneError(f"text spec {input_spec!r}: no documents to train on")
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tok.save(str(tmp))
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written tokenizer.json
+    save_tokenizer(tok, path)
     return path
+
+
+def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
+    """Write ``tokenizer.json`` atomically: a crash never leaves a half-written file."""
+    atomic_write(path, lambda p: tok.save(str(p)))
 
 
 def tokenizer_file(path_or_dir: str | Path) -> Path:

@@ -17,7 +17,7 @@ from fnmatch import fnmatchcase
 from torch import nn
 
 from zerotune.errors import ZerotuneError
-from zerotune.finetune.heads import last_linear
+from zerotune.models.heads import last_linear
 
 
 def trainable_count(model: nn.Module) -> int:

@@ -15,7 +15,7 @@ Example:
     >>> names = apply_lora(model, ["query", "value"], r=8, alpha=16)
     >>> mark_only_lora_as_trainable(model, also=["head.*"])
     >>> ...train...
-    >>> save_file(lora_state_dict(model), "adapter.safetensors")
+    >>> zerotune.files.save_weights("adapter.safetensors", lora_state_dict(model))
     >>> merge_lora(model)
 """
 
@@ -104,12 +104,6 @@ def matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target) or fnmatchcase(name, target)
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def apply_lora(
     model: nn.Module, targets: list[str], r: int = 8, alpha: float = 16.0, dropout: float = 0.0
 ) -> list[str]:
@@ -141,7 +135,7 @@ def apply_lora(
             f"lora.targets: {targets} matched no linear layer; linear layers are named e.g. {suffixes[:12]}"
         )
     for name in chosen:
-        _set_submodule(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout))
+        model.set_submodule(name, LoRALinear(model.get_submodule(name), r, alpha, dropout))
     return chosen
 
 
@@ -188,7 +182,7 @@ def unwrap_lora(model: nn.Module) -> nn.Module:
     """Merge every adapter and put the plain ``nn.Linear`` back in place (for export). Returns ``model``."""
     for name, layer in lora_layers(model).items():
         layer.merge()
-        _set_submodule(model, name, layer.base)
+        model.set_submodule(name, layer.base)
     return model
 
 

@@ -21,15 +21,17 @@ adapters and the layers below; the quantized weights themselves never get gradie
 
 Order matters: adapters wrap plain ``nn.Linear`` layers, so apply LoRA first and quantize
 after (the base linear inside each :class:`~zerotune.finetune.lora.LoRALinear` is quantized
-too). :func:`prepare_qlora` does the three steps. The output head is left in full precision by
-default, and a linear layer whose weight is shared with another module (a tied head) is never
+too); ``zerotune.finetune.adapt.apply_method`` does the three steps. The output head is left
+in full precision by default, and a linear layer whose weight is shared with another module (a tied head) is never
 quantized. A state dict holds the packed weights and their quantization state; loading one
 back (resuming from a checkpoint) checks that the frozen base is the same. For export,
 :func:`dequantize_model` puts plain ``nn.Linear`` layers back (``merge_lora`` / ``unwrap_lora``
 then work as usual).
 
 Example:
-    >>> prepare_qlora(model, ["attn.qkv", "attn.proj"], r=8, alpha=16, bits=4)
+    >>> apply_lora(model, ["attn.qkv", "attn.proj"], r=8, alpha=16)
+    >>> quantize_for_qlora(model, bits=4)
+    >>> mark_only_lora_as_trainable(model)
     >>> ...train...
     >>> dequantize_model(model); unwrap_lora(model)
 """
@@ -43,7 +45,7 @@ import torch
 from torch import nn
 
 from zerotune.errors import ZerotuneError
-from zerotune.finetune.lora import _set_submodule, apply_lora, mark_only_lora_as_trainable, matches
+from zerotune.finetune.lora import matches
 
 BITS = (4, 8)
 
@@ -162,22 +164,9 @@ def quantize_for_qlora(model: nn.Module, bits: int = 4, *, skip: list[str] | tup
     if not chosen:
         raise ZerotuneError("qlora: no linear layer left to quantize (all skipped or tied)")
     for name in chosen:
-        _set_submodule(model, name, quantize_linear(model.get_submodule(name), bits, blocksize=blocksize,
+        model.set_submodule(name, quantize_linear(model.get_submodule(name), bits, blocksize=blocksize,
                                                     double_quant=double_quant, compute_dtype=compute_dtype))
     return model
-
-
-def prepare_qlora(model: nn.Module, targets: list[str], r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-                  bits: int = 4, *, also: list[str] | tuple[str, ...] = (),
-                  skip: list[str] | tuple[str, ...] = ("lm_head",)) -> int:
-    """LoRA on ``targets``, then quantize the frozen linear layers, then train only the adapters.
-
-    Returns:
-        The number of trainable parameters (adapters + parameters matching the globs ``also``).
-    """
-    apply_lora(model, targets, r, alpha, dropout)
-    quantize_for_qlora(model, bits, skip=skip)
-    return mark_only_lora_as_trainable(model, also=also)
 
 
 def _row_scales(module: nn.Module) -> torch.Tensor:
@@ -214,35 +203,8 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
                 if m.bias is not None:
                     lin.bias.copy_(m.bias)
             lin.requires_grad_(False)
-            _set_submodule(model, name, lin)
+            model.set_submodule(name, lin)
     return model
 
 
-def quantized_bytes(model: nn.Module) -> tuple[int, int]:
-    """(bytes the quantized layers' weights take, bytes the same weights take in fp32).
-
-    Counts the packed weights and everything needed to dequantize them (block maxima, their
-    own quantization state, the codebook, int8 row scales); biases are not counted.
-    """
-    bnb = _bnb()
-    stored, fp32 = 0, 0
-    for m in model.modules():
-        if not is_quantized(m):
-            continue
-        w = m.weight
-        stored += w.data.numel() * w.data.element_size()
-        fp32 += m.in_features * m.out_features * 4
-        if isinstance(m, bnb.nn.Linear4bit):
-            state = w.quant_state
-            tensors = [state.absmax, state.code]
-            if state.nested:
-                tensors += [state.state2.absmax, state.state2.code, state.offset]
-            stored += sum(t.numel() * t.element_size() for t in tensors)
-        else:
-            scb = _row_scales(m)
-            stored += scb.numel() * scb.element_size()
-    return stored, fp32
-
-
-__all__ = ["dequantize_model", "dequantize_weight", "is_quantized", "prepare_qlora", "quantize_for_qlora",
-           "quantize_linear", "quantized_bytes"]
+__all__ = ["dequantize_model", "dequantize_weight", "is_quantized", "quantize_for_qlora", "quantize_linear"]

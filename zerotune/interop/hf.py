@@ -21,7 +21,9 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from zerotune.errors import ZerotuneError
-from zerotune.interop import hf_bert
+from zerotune.files import read_json_object
+from zerotune.interop import hf_bert, hf_decoder
+from zerotune.interop.hf_files import read_config
 
 BUILTINS = ("minilm",)
 ENCODER_TYPES = ("bert",)
@@ -59,12 +61,12 @@ def resolve_source(source: str | Path) -> Path:
     return folder
 
 
-def _sentence_pooling(folder: Path) -> str | None:
+def sentence_pooling(folder: Path) -> str | None:
     """Pooling declared by a sentence-transformers layout (``1_Pooling/config.json``), if any."""
     path = folder / "1_Pooling" / "config.json"
     if not path.is_file():
         return None
-    cfg = hf_bert.read_config(path.parent)  # a JSON object, or one line naming the file
+    cfg = read_json_object(path)
     if cfg.get("pooling_mode_mean_tokens"):
         return "mean"
     if cfg.get("pooling_mode_cls_token"):
@@ -94,7 +96,7 @@ def load_pretrained(
         >>> clf = SequenceClassifier(encoder, info["hidden"], 2, info["pooling"], info["pad_id"])
     """
     folder = resolve_source(source)
-    hf_cfg = hf_bert.read_config(folder)
+    hf_cfg = read_config(folder)
     model_type = hf_cfg.get("model_type")
     if model_type in ENCODER_TYPES:
         model, cfg = hf_bert.load_hf_bert(folder, head=head)
@@ -110,13 +112,11 @@ def load_pretrained(
             "vocab_size": cfg.vocab_size,
             "pad_id": pad_id,
             "max_length": cfg.max_position,
-            "pooling": _sentence_pooling(folder) or cfg.pooling,
+            "pooling": sentence_pooling(folder) or cfg.pooling,
             "config": cfg.model_dump(mode="json"),
         }
         return model, tokenizer, info
     if model_type in DECODER_TYPES:
-        from zerotune.interop import hf_decoder
-
         model, cfg = hf_decoder.load_hf_decoder(folder)
         tokenizer = hf_bert.load_hf_tokenizer(folder)
         pad_id = hf_decoder.hf_special_ids(folder).get("pad")
@@ -136,24 +136,3 @@ def load_pretrained(
     raise ZerotuneError(
         f"model_type: unsupported {model_type!r}; supported: {supported}", path=folder / "config.json"
     )
-
-
-def load(source: str | Path) -> tuple[nn.Module, Tokenizer | None]:
-    """``zerotune.load``: a model and its tokenizer from a run folder, a Hugging Face folder or ``minilm``.
-
-    The model is in eval mode; on a LongTensor of token ids (B, T) a decoder returns logits
-    (B, T, vocab) and an encoder without a head its last hidden states (B, T, H). The tokenizer is
-    None when the source has no tokenizer files.
-
-    Example:
-        >>> model, tokenizer = zerotune.load("minilm")
-        >>> hidden = model(torch.tensor([tokenizer.encode("hello world").ids]))   # (1, T, 384)
-    """
-    path = Path(source)
-    if path.is_dir() and (path / "config.yaml").is_file() and (path / "model.json").is_file():
-        from zerotune.run import load_run
-
-        loaded = load_run(path)
-        return loaded.model, loaded.tokenizer
-    model, tokenizer, _ = load_pretrained(source)
-    return model.eval(), tokenizer

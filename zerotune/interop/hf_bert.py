@@ -1,8 +1,8 @@
 """Hugging Face BERT checkpoint folders in and out (BERT, MiniLM, sentence-transformers layouts).
 
-A folder holds ``config.json`` (``model_type: bert``), the weights (``model.safetensors``, a
-sharded ``model.safetensors.index.json``, or ``pytorch_model.bin`` read with
-``torch.load(weights_only=True)``) and the tokenizer (``tokenizer.json``, or ``vocab.txt``
+A folder holds ``config.json`` (``model_type: bert``), the weights (read by
+:mod:`zerotune.interop.hf_files`: ``model.safetensors``, sharded safetensors, or
+``pytorch_model.bin`` with ``torch.load(weights_only=True)``) and the tokenizer (``tokenizer.json``, or ``vocab.txt``
 from which a WordPiece tokenizer is built). Tensor names may carry the ``bert.`` prefix
 (``BertForMaskedLM`` / ``BertForSequenceClassification``) or not (``BertModel``, the
 sentence-transformers MiniLM layout). Old checkpoints' ``LayerNorm.gamma``/``beta`` are read as
@@ -36,15 +36,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 from torch import nn
 
+from zerotune.data.tokenizer import load_tokenizer, save_tokenizer
 from zerotune.errors import ZerotuneError
+from zerotune.files import read_json_object, save_weights, write_json, write_text
 from zerotune.finetune.lora import lora_layers, unwrap_lora
+from zerotune.interop.hf_files import read_config, read_weights
 from zerotune.models.bert import BERT, BERTConfig, BERTMaskedLM
-from zerotune.train.checkpoint import load_weights
 
 _HF_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 _ACT_HF = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
@@ -113,20 +114,6 @@ def _hf_names(model: nn.Module) -> dict[str, str]:
 # ---------------------------------------------------------------- reading
 
 
-def read_config(folder: str | Path) -> dict[str, Any]:
-    """Read ``config.json`` of a Hugging Face model folder as a dict."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise ZerotuneError("config.json not found (expected a Hugging Face model folder)", path=Path(folder))
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ZerotuneError(f"invalid JSON: {e}", path=path) from None
-    if not isinstance(cfg, dict):
-        raise ZerotuneError("expected a JSON object", path=path)
-    return cfg
-
-
 def config_from_hf(hf: dict[str, Any], path: Path | str = "config.json") -> BERTConfig:
     """Map a Hugging Face BERT ``config.json`` dict onto :class:`BERTConfig`."""
     if hf.get("model_type") != "bert":
@@ -168,40 +155,6 @@ def config_from_hf(hf: dict[str, Any], path: Path | str = "config.json") -> BERT
         ) from None
 
 
-def read_weights(folder: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
-    """Read every tensor of a model folder (safetensors, sharded safetensors, or pytorch_model.bin)."""
-    folder = Path(folder)
-    single, index, pt = (
-        folder / "model.safetensors",
-        folder / "model.safetensors.index.json",
-        folder / "pytorch_model.bin",
-    )
-    if single.is_file():
-        return load_weights(single), single
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
-            raise ZerotuneError(
-                "invalid index: expected a JSON object with a 'weight_map'", path=index
-            ) from None
-        tensors: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            tensors.update(load_weights(folder / shard))
-        return tensors, index
-    if pt.is_file():
-        try:
-            sd = torch.load(pt, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, ValueError, OSError) as e:
-            raise ZerotuneError(
-                f"not a readable PyTorch weights file ({str(e).splitlines()[0]})", path=pt
-            ) from None
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise ZerotuneError("expected a dict of tensors", path=pt)
-        return sd, pt
-    raise ZerotuneError("no weights found (expected model.safetensors or pytorch_model.bin)", path=folder)
-
-
 def _normalise(name: str) -> str:
     name = name.removeprefix("bert.")
     if name.endswith("LayerNorm.gamma"):  # checkpoints from the original TF conversion
@@ -211,11 +164,16 @@ def _normalise(name: str) -> str:
     return name
 
 
-def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path | str) -> None:
-    """Copy Hugging Face tensors into ``model`` (BERT or BERTMaskedLM), checking names and shapes."""
-    theirs = {}
+def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path | str,
+               origin: dict[str, Path] | None = None) -> None:
+    """Copy Hugging Face tensors into ``model`` (BERT or BERTMaskedLM), checking names and shapes.
+
+    Errors name the file a tensor came from (``origin``, by its name in ``tensors``), else ``path``.
+    """
+    theirs, where = {}, {}
     for name, t in tensors.items():
         theirs[_normalise(name)] = t
+        where[_normalise(name)] = (origin or {}).get(name, path)
     if "cls.predictions.decoder.bias" in theirs and "cls.predictions.bias" not in theirs:
         theirs["cls.predictions.bias"] = theirs["cls.predictions.decoder.bias"]
     names = {k: v.removeprefix("bert.") for k, v in _hf_names(model).items()}
@@ -228,15 +186,17 @@ def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path | 
         if tuple(t.shape) != tuple(own[ours].shape):
             raise ZerotuneError(
                 f"tensor {hf_name!r} has shape {list(t.shape)}, config.json implies {list(own[ours].shape)}",
-                path=path,
+                path=where.get(hf_name, path),
             )
         if not t.is_floating_point():
-            raise ZerotuneError(f"tensor {hf_name!r} has dtype {t.dtype}, expected floating point", path=path)
+            raise ZerotuneError(f"tensor {hf_name!r} has dtype {t.dtype}, expected floating point",
+                                path=where.get(hf_name, path))
         out[ours] = t.to(own[ours].dtype)
     used = set(names.values())
     for hf_name in theirs:
         if hf_name not in used and not _IGNORED.match(hf_name):
-            raise ZerotuneError(f"unexpected tensor {hf_name!r} (not part of a BERT model)", path=path)
+            raise ZerotuneError(f"unexpected tensor {hf_name!r} (not part of a BERT model)",
+                                path=where.get(hf_name, path))
     model.load_state_dict(out, strict=True)
 
 
@@ -257,7 +217,7 @@ def load_hf_bert(folder: str | Path, head: str = "encoder") -> tuple[nn.Module, 
     folder = Path(folder)
     hf = read_config(folder)
     cfg = config_from_hf(hf, folder / "config.json")
-    tensors, path = read_weights(folder)
+    tensors, origin = read_weights(folder)
     has_pooler = any(_normalise(k) == "pooler.dense.weight" for k in tensors)
     cfg = cfg.model_copy(update={"pooler": has_pooler})
     body = BERT(cfg)
@@ -267,7 +227,8 @@ def load_hf_bert(folder: str | Path, head: str = "encoder") -> tuple[nn.Module, 
         model = BERTMaskedLM(body, hf.get("pad_token_id"))
     else:
         raise ZerotuneError(f"head: expected 'encoder' or 'masked_lm', got {head!r}")
-    load_state(model, tensors, path)
+    files = set(origin.values())
+    load_state(model, tensors, files.pop() if len(files) == 1 else folder, origin)
     return model.eval(), cfg
 
 
@@ -280,12 +241,7 @@ def load_hf_tokenizer(folder: str | Path) -> Tokenizer | None:
     folder = Path(folder)
     path = folder / "tokenizer.json"
     if path.is_file():
-        try:
-            tok = Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a plain Exception for every parse error
-            raise ZerotuneError(
-                f"not a readable tokenizer.json ({str(e).splitlines()[0]})", path=path
-            ) from None
+        tok = load_tokenizer(path)
         tok.no_padding()
         tok.no_truncation()
         return tok
@@ -294,10 +250,7 @@ def load_hf_tokenizer(folder: str | Path) -> Tokenizer | None:
         lower = True
         cfg_path = folder / "tokenizer_config.json"
         if cfg_path.is_file():
-            try:
-                lower = bool(json.loads(cfg_path.read_text(encoding="utf-8")).get("do_lower_case", True))
-            except json.JSONDecodeError as e:
-                raise ZerotuneError(f"invalid JSON: {e}", path=cfg_path) from None
+            lower = bool(read_json_object(cfg_path).get("do_lower_case", True))
         return wordpiece_from_vocab(vocab, lowercase=lower)
     return None
 
@@ -380,8 +333,8 @@ def save_hf_bert(model: nn.Module, folder: str | Path, tokenizer: Tokenizer | No
         tensors["cls.predictions.decoder.weight"] = tensors["bert.embeddings.word_embeddings.weight"].clone()
     architecture = "BertForMaskedLM" if isinstance(model, BERTMaskedLM) else "BertModel"
     hf_cfg = config_to_hf(body.config, architecture, pad_id if pad_id is not None else _pad_id(tokenizer))
-    (folder / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n", encoding="utf-8")
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    save_weights(folder / "model.safetensors", tensors, metadata={"format": "pt"})
+    write_json(folder / "config.json", hf_cfg, indent=2)
     if tokenizer is not None:
         save_hf_tokenizer(tokenizer, folder)
     return folder
@@ -396,10 +349,10 @@ def _pad_id(tokenizer: Tokenizer | None) -> int:
 def save_hf_tokenizer(tokenizer: Tokenizer, folder: str | Path) -> None:
     """Write ``tokenizer.json``, ``vocab.txt``, ``tokenizer_config.json`` and ``special_tokens_map.json``."""
     folder = Path(folder)
-    tokenizer.save(str(folder / "tokenizer.json"))
+    save_tokenizer(tokenizer, folder / "tokenizer.json")
     vocab = tokenizer.get_vocab()
     by_id = sorted(vocab.items(), key=lambda kv: kv[1])
-    (folder / "vocab.txt").write_text("".join(tok + "\n" for tok, _ in by_id), encoding="utf-8")
+    write_text(folder / "vocab.txt", "".join(tok + "\n" for tok, _ in by_id))
     specials = {
         k: v
         for k, v in {
@@ -413,8 +366,8 @@ def save_hf_tokenizer(tokenizer: Tokenizer, folder: str | Path) -> None:
     }
     lower = _lowercases(tokenizer)
     config = {"tokenizer_class": "BertTokenizer", "do_lower_case": lower, "model_max_length": 512, **specials}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n", encoding="utf-8")
+    write_json(folder / "tokenizer_config.json", config, indent=2)
+    write_json(folder / "special_tokens_map.json", specials, indent=2)
 
 
 def _lowercases(tokenizer: Tokenizer) -> bool:

@@ -1,8 +1,8 @@
 """Hugging Face decoder checkpoints in and out: GPT-2, Llama, Mistral, Qwen2.
 
 A Hugging Face model folder holds ``config.json`` and the weights as ``model.safetensors``,
-a sharded ``model.safetensors.index.json``, or ``pytorch_model.bin`` (read only with
-``torch.load(weights_only=True)``, which refuses arbitrary pickled code). The config maps
+a sharded ``model.safetensors.index.json``, or ``pytorch_model.bin`` (:mod:`zerotune.interop.hf_files`
+reads them; ``.bin`` only with ``torch.load(weights_only=True)``, which refuses pickled code). The config maps
 onto :class:`~zerotune.models.gpt.GPTConfig`; the tensors are renamed per family:
 
     GPT-2                                   zerotune
@@ -25,18 +25,16 @@ RoPE uses the rotate-half layout in both, so q/k need no permutation.
 
 from __future__ import annotations
 
-import json
-import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import ValidationError
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from zerotune.config import describe_error
 from zerotune.errors import ZerotuneError
+from zerotune.files import read_json_object, save_weights, write_json
+from zerotune.interop.hf_files import read_weights
 from zerotune.models.gpt import GPT, GPTConfig
 
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
@@ -46,18 +44,6 @@ IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
 
 # ---------------------------------------------------------------- config.json
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ZerotuneError("file not found", path=path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ZerotuneError(f"not valid JSON ({e})", path=path) from None
-    if not isinstance(data, dict):
-        raise ZerotuneError("expected a JSON object", path=path)
-    return data
 
 
 def _need(hf: dict[str, Any], key: str, path: Path) -> Any:
@@ -96,7 +82,7 @@ def read_hf_decoder_config(folder: str | Path) -> GPTConfig:
             zerotune does not implement (named).
     """
     path = Path(folder) / "config.json"
-    return _decoder_config(_read_json(path), path)
+    return _decoder_config(read_json_object(path), path)
 
 
 def _decoder_config(hf: dict[str, Any], path: Path) -> GPTConfig:
@@ -179,7 +165,7 @@ def _decoder_config(hf: dict[str, Any], path: Path) -> GPTConfig:
 # ---------------------------------------------------------------- tensor names and shapes
 
 
-def _family_of(cfg: GPTConfig) -> str:
+def family_of(cfg: GPTConfig) -> str:
     """Which Hugging Face family holds this layout (raises when none does)."""
     gpt2 = (cfg.pos, cfg.norm, cfg.mlp) == ("learned", "layernorm", "gelu")
     llama = (cfg.pos, cfg.norm, cfg.mlp) == ("rope", "rmsnorm", "swiglu")
@@ -304,56 +290,6 @@ def _to_hf(model: GPT, cfg: GPTConfig, family: str) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- weights in
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError) as e:
-        raise ZerotuneError(f"cannot read safetensors weights ({e})", path=path) from None
-
-
-def _load_bin(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as e:
-        raise ZerotuneError(f"cannot read PyTorch weights ({str(e).splitlines()[0]})", path=path) from None
-    if not isinstance(sd, dict):
-        raise ZerotuneError("expected a state dict of tensors", path=path)
-    return sd
-
-
-def read_hf_weights(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
-    """All tensors of a Hugging Face folder, and the file each came from."""
-    folder = Path(folder)
-    if (folder / "model.safetensors").is_file():
-        files = [folder / "model.safetensors"]
-    elif (folder / "model.safetensors.index.json").is_file() or (
-        folder / "pytorch_model.bin.index.json"
-    ).is_file():
-        index = folder / "model.safetensors.index.json"
-        index = index if index.is_file() else folder / "pytorch_model.bin.index.json"
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ZerotuneError("weight_map: required key is missing", path=index)
-        files = [folder / name for name in dict.fromkeys(weight_map.values())]
-        for f in files:
-            if not f.is_file():
-                raise ZerotuneError(f"shard listed in {index.name} is missing", path=f)
-    elif (folder / "pytorch_model.bin").is_file():
-        files = [folder / "pytorch_model.bin"]
-    else:
-        raise ZerotuneError(
-            "no weights: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin",
-            path=folder,
-        )
-    tensors: dict[str, torch.Tensor] = {}
-    origin: dict[str, Path] = {}
-    for f in files:
-        part = _load_safetensors(f) if f.suffix == ".safetensors" else _load_bin(f)
-        tensors |= part
-        origin |= dict.fromkeys(part, f)
-    return tensors, origin
-
-
 def _strip_prefix(name: str, family: str) -> str:
     if family == "gpt2":  # GPT2LMHeadModel saves transformer.*, the original GPT-2 checkpoints bare names
         return name.removeprefix("transformer.")
@@ -376,9 +312,9 @@ def load_hf_decoder(folder: str | Path) -> tuple[GPT, GPTConfig]:
         >>> model, cfg = load_hf_decoder("checkpoints/gpt2")
     """
     folder = Path(folder)
-    hf = _read_json(folder / "config.json")
+    hf = read_json_object(folder / "config.json")
     cfg, family = _decoder_config(hf, folder / "config.json"), hf["model_type"]
-    raw, origin = read_hf_weights(folder)
+    raw, origin = read_weights(folder)
     family_names = "gpt2" if family == "gpt2" else "llama"
     tensors = {_strip_prefix(k, family_names): v for k, v in raw.items()}
     where = {_strip_prefix(k, family_names): origin[k] for k in raw}
@@ -409,7 +345,7 @@ def load_hf_decoder(folder: str | Path) -> tuple[GPT, GPTConfig]:
 
 def hf_config_dict(cfg: GPTConfig) -> dict[str, Any]:
     """The ``config.json`` contents that make ``transformers`` rebuild this model."""
-    family = _family_of(cfg)
+    family = family_of(cfg)
     if family == "gpt2":
         return {
             "architectures": ["GPT2LMHeadModel"],
@@ -466,7 +402,7 @@ def hf_special_ids(folder: str | Path) -> dict[str, int | list[int] | None]:
     ids: dict[str, int | list[int] | None] = {"bos": None, "eos": None, "pad": None}
     for name in ("config.json", "generation_config.json"):
         if (folder / name).is_file():
-            data = _read_json(folder / name)
+            data = read_json_object(folder / name)
             for key in ids:
                 if data.get(f"{key}_token_id") is not None:
                     ids[key] = data[f"{key}_token_id"]
@@ -492,7 +428,7 @@ def export_hf_decoder(
     """
     if cfg.vocab_size is None:
         cfg = model.config
-    family = _family_of(cfg)
+    family = family_of(cfg)
     config = hf_config_dict(cfg) | {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -500,8 +436,6 @@ def export_hf_decoder(
     expected = {("transformer." + k if family == "gpt2" and k != "lm_head.weight" else k): s
                 for k, s in hf_shapes(cfg, "gpt2" if family == "gpt2" else "llama").items()}  # fmt: skip
     assert {k: tuple(v.shape) for k, v in tensors.items()} == expected, "zerotune/HF name maps disagree"
-    tmp = folder / "model.safetensors.tmp"
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    tmp.replace(folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    save_weights(folder / "model.safetensors", tensors, metadata={"format": "pt"})
+    write_json(folder / "config.json", config, indent=2)
     return folder

@@ -28,7 +28,6 @@ which neither ONNX exporter of torch 2.13 can trace.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import shutil
 import warnings
@@ -39,12 +38,13 @@ import torch
 from torch import nn
 
 from zerotune.errors import ZerotuneError
-from zerotune.finetune.heads import SequenceClassifier
+from zerotune.files import copy_file, write_json
+from zerotune.load import LoadedRun
 from zerotune.models.bert import BERT, BERTMaskedLM
 from zerotune.models.gpt import GPT
+from zerotune.models.heads import SequenceClassifier
 from zerotune.models.rnn import RNNClassifier
-from zerotune.run import LoadedRun, create_run
-from zerotune.train.checkpoint import atomic_write_text
+from zerotune.run import create_run
 
 OPSET = 18
 EXTERNAL_DATA_BYTES = 1 << 30  # protobuf files stop at 2 GiB: larger weights go to model.onnx.data
@@ -118,17 +118,17 @@ def export_onnx(loaded: LoadedRun, model: nn.Module, out: Path, overwrite: bool,
                             f"{first})", path=loaded.run.root) from None
     info = loaded.info
     if info.classes and info.target == "classification":
-        atomic_write_text(folder / "labels.json", json.dumps(list(info.classes), indent=1))
+        write_json(folder / "labels.json", list(info.classes))
     for name in ("tokenizer.json", "chat_template.json"):
         if (loaded.run.root / name).is_file():
-            shutil.copyfile(loaded.run.root / name, folder / name)
+            copy_file(loaded.run.root / name, folder / name)
     meta = {"format": "onnx", "opset": OPSET, "exporter": "torch.onnx.export(dynamo=True)",
             "task": loaded.meta["task"], "arch": loaded.meta["model"]["arch"], "inputs": inputs, "outputs": outputs,
             "preprocess": _preprocess_note(wrapper), "classes": list(info.classes), "data_info": info.to_dict(),
             "source_run": str(loaded.run.root)}
     if merged_from:
         meta["merged_from"] = merged_from
-    atomic_write_text(folder / "model.json", json.dumps(meta, indent=1))  # last: the export is complete
+    write_json(folder / "model.json", meta)  # last: the export is complete
     return folder
 
 

@@ -1,6 +1,6 @@
 """Model families, one file each. ``ARCHS`` maps ``model.arch`` to (config class, builder).
 
-A builder takes the family's config and the data's :class:`~zerotune.data.base.DataInfo`
+A builder takes the family's config and the data's :class:`~zerotune.spec.DataInfo`
 and returns a plain ``nn.Module``.
 """
 
@@ -11,8 +11,8 @@ from typing import Annotated, Union
 from pydantic import Field
 from torch import nn
 
-from zerotune.data.base import DataInfo
 from zerotune.models import bert, cnn, gpt, mlp, rnn
+from zerotune.spec import DataInfo
 
 ARCHS = {
     "mlp": (mlp.MLPConfig, mlp.build),
@@ -31,6 +31,3 @@ def build_model(cfg, info: DataInfo) -> nn.Module:
     _, builder = ARCHS[cfg.arch]
     return builder(cfg, info)
 
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from zerotune.data.base import DataInfo
 from zerotune.errors import ZerotuneError
-from zerotune.finetune.heads import SequenceClassifier, TokenClassifier, real_token_mask
+from zerotune.models.heads import SequenceClassifier, TokenClassifier, real_token_mask
 from zerotune.models.init import check_scheme, init_weights
+from zerotune.spec import DataInfo
 
 ACTIVATIONS = {
     "gelu": nn.GELU,  # exact erf form
@@ -259,11 +259,3 @@ def build(cfg: BERTConfig, info: DataInfo) -> nn.Module:
         raise ZerotuneError(f"task {target!r}: a bert model supports {', '.join(TARGETS)}")
     init_weights(model.head, cfg.init)
     return model
-
-
-def parameter_count(cfg: BERTConfig) -> int:
-    """Parameters of the bare encoder (and its pooler, if any) from the config alone, by hand."""
-    H, F_, V, L = cfg.hidden, cfg.intermediate, cfg.vocab_size or 0, cfg.layers
-    embeddings = (V + cfg.max_position + cfg.type_vocab_size) * H + 2 * H
-    layer = 4 * (H * H + H) + (H * F_ + F_) + (F_ * H + H) + 4 * H
-    return embeddings + L * layer + (H * H + H if cfg.pooler else 0)

@@ -30,10 +30,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch import nn
 
-from zerotune.data.base import DataInfo
 from zerotune.errors import ZerotuneError
 from zerotune.models.init import check_scheme, init_weights
 from zerotune.models.mlp import ACTIVATIONS, Activation, check_hidden
+from zerotune.spec import DataInfo
 
 
 def _positive(name: str):

@@ -40,9 +40,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from zerotune.data.base import DataInfo
 from zerotune.errors import ZerotuneError
 from zerotune.models.init import check_scheme, init_weights
+from zerotune.spec import DataInfo
 
 PRESETS_FILE = Path(__file__).resolve().parent.parent / "presets" / "gpt.yaml"
 ROPE_SCALING_KEYS = {

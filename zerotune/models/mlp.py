@@ -19,8 +19,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from zerotune.data.base import DataInfo
 from zerotune.models.init import check_scheme, init_weights
+from zerotune.spec import DataInfo
 
 Activation = Literal["relu", "gelu", "tanh", "sigmoid", "silu"]
 ACTIVATIONS: dict[str, type[nn.Module]] = {

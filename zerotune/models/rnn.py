@@ -35,9 +35,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from zerotune.data.base import DataInfo
 from zerotune.errors import ZerotuneError
 from zerotune.models.init import check_scheme, init_weights
+from zerotune.spec import DataInfo
 
 CELLS: dict[str, type[nn.RNNBase]] = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 _RANK = {"tokens": 1, "sequence": 2, "image": 3, "tabular": 1}

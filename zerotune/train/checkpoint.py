@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import random
 import shutil
 import warnings
@@ -32,103 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from zerotune.errors import RunFailed, ZerotuneError
+from zerotune.errors import ZerotuneError
+from zerotune.files import fsync_dir, fsync_file, load_torch, load_weights, unshare, write_failed
 
 WEIGHTS, STATE, MANIFEST = "weights.safetensors", "state.pt", "manifest.json"
-
-
-# ---------------------------------------------------------------- files
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0]
-
-
-def write_failed(e: OSError | SafetensorError, path: Path, what: str) -> RunFailed:
-    """A failed write (disk full, I/O error) as a one-line RunFailed naming the file."""
-    reason = getattr(e, "strerror", None) or _first_line(e)
-    return RunFailed(f"cannot write {what} ({reason}); files written before are kept", path=path)
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Write ``path`` by calling ``write(tmp_path)``, fsync, then rename over ``path``.
-
-    Raises:
-        RunFailed: the write failed (e.g. the disk is full); ``path`` keeps its old content.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as SafetensorError
-        raise write_failed(e, path, "the file") from e
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
-
-
-def _unshare(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share memory (tied embeddings): copy the later ones."""
-    seen: set[tuple[int, int]] = set()
-    out = {}
-    for k, v in state_dict.items():
-        v = v.detach()
-        key = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else (id(v), 0)
-        out[k] = v.clone().contiguous() if key in seen else v.contiguous()
-        seen.add(key)
-    return out
-
-
-def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Save a state dict as safetensors, atomically."""
-    tensors = {k: v.cpu() for k, v in _unshare(state_dict).items()}
-    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
-
-
-def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Load a safetensors file; a missing, truncated or malformed file is a ZerotuneError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ZerotuneError("weights file not found", path=path)
-    try:
-        return load_file(str(path), device=str(device))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ZerotuneError(f"not a readable safetensors file ({_first_line(e)})", path=path) from None
-
-
-def load_state_dict_checked(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: object) -> None:
-    """``model.load_state_dict`` whose failures name the first offending tensor in one line."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in weights]
-    unexpected = [k for k in weights if k not in own]
-    if missing:
-        raise ZerotuneError(f"tensor {missing[0]!r} is missing ({len(missing)} missing in all)", path=source)
-    if unexpected:
-        raise ZerotuneError(f"unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)", path=source)
-    for k, mine in own.items():  # in the model's order: the first layer that does not fit is named
-        if tuple(weights[k].shape) != tuple(mine.shape):
-            raise ZerotuneError(
-                f"tensor {k!r} has shape {tuple(weights[k].shape)}, the model expects {tuple(mine.shape)}", path=source
-            )
-    model.load_state_dict(weights)
 
 
 def sha256(path: Path) -> str:
@@ -203,15 +111,12 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        save_file({k: v.cpu() for k, v in _unshare(weights).items()}, str(tmp / WEIGHTS))
+        save_file(unshare(weights), str(tmp / WEIGHTS))
         _torch_save(state, tmp / STATE)
-        for f in (WEIGHTS, STATE):
-            with open(tmp / f, "rb+") as fh:
-                os.fsync(fh.fileno())
-        manifest = {"step": state.get("train", {}).get("step"), "files": {f: sha256(tmp / f) for f in (WEIGHTS, STATE)}}
+        manifest = {"step": state.get("loop", {}).get("step"), "files": {f: sha256(tmp / f) for f in (WEIGHTS, STATE)}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        with open(tmp / MANIFEST, "rb+") as fh:
-            os.fsync(fh.fileno())
+        for f in (WEIGHTS, STATE, MANIFEST):
+            fsync_file(tmp / f)
         fsync_dir(tmp)
         final = root / name
         old = root / f".old-{name}-{os.getpid()}"
@@ -308,11 +213,7 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> t
     if problem:
         raise ZerotuneError(f"checkpoint is damaged: {problem}", path=folder)
     weights = load_weights(folder / WEIGHTS, device)
-    try:
-        state = torch.load(folder / STATE, map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError, LookupError,
-            MemoryError, OverflowError) as e:  # what torch's weights-only unpickler raises on a damaged file
-        raise ZerotuneError(f"{STATE} cannot be loaded safely ({_first_line(e)})", path=folder) from None
+    state = load_torch(folder / STATE, device)
     if not isinstance(state, dict):
         raise ZerotuneError(f"{STATE} holds a {type(state).__name__}, expected a mapping", path=folder)
     return weights, state

@@ -21,7 +21,6 @@ not computed during training; call :func:`evaluate_model` for them.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +32,14 @@ from pydantic import ValidationError
 from torch import nn
 
 from zerotune.config import Config, EarlyStopping, describe_error
-from zerotune.data import Data, Preprocess
-from zerotune.data.base import DataInfo, Split
+from zerotune.data.base import Split
+from zerotune.data.splits import Data, Preprocess
 from zerotune.errors import ZerotuneError
+from zerotune.files import save_weights, write_json, write_text
+from zerotune.run import create_run
+from zerotune.spec import DataInfo
 from zerotune.train.loop import pick_device, seed_everything, train_loop
+from zerotune.train.tasks import SupervisedTask
 
 # Keras spellings accepted next to zerotune's own names
 LOSS_ALIASES = {
@@ -209,8 +212,6 @@ def _argument_names(message: str) -> str:
 
 
 def _task(data: Data, cfg: Config, device: torch.device, who: str):
-    from zerotune.train.tasks import SupervisedTask
-
     try:
         return SupervisedTask(data, batch_size=cfg.train.batch_size, seed=cfg.seed, loss=cfg.train.loss,
                               label_smoothing=0.0, metrics=cfg.train.metrics, device=device)
@@ -263,9 +264,6 @@ def fit(model: nn.Module, train: tuple[Any, Any], val: tuple[Any, Any] | None = 
         >>> history = fit(model, (x, y), val=(x_val, y_val), epochs=5, batch_size=32)
         >>> history.history["val_accuracy"]
     """
-    from zerotune.run import create_run
-    from zerotune.train.checkpoint import atomic_write_text, save_weights
-
     data = _data(train, val)
     verbose = int(verbose)
     early = _early_stopping(early_stopping)
@@ -282,7 +280,7 @@ def fit(model: nn.Module, train: tuple[Any, Any], val: tuple[Any, Any] | None = 
     run = None
     if out is not None:
         run = create_run(out, overwrite)
-        atomic_write_text(run.config, f"# zerotune.fit: {type(model).__name__} on in-memory arrays "
+        write_text(run.config, f"# zerotune.fit: {type(model).__name__} on in-memory arrays "
                                       f"({len(data.train)} train, {len(data.val) if data.val else 0} val)\n"
                           + cfg.to_yaml())
 
@@ -311,8 +309,8 @@ def fit(model: nn.Module, train: tuple[Any, Any], val: tuple[Any, Any] | None = 
         history.best_epoch = -(-state.best_step // steps_per_epoch) - 1
     if run is not None:
         save_weights(run.weights, model.state_dict(), metadata={"format": "pt"})
-        atomic_write_text(run.root / "history.json", json.dumps(
-            {"history": history.history, "epoch": history.epoch, "params": history.params}, indent=1))
+        write_json(run.root / "history.json",
+                   {"history": history.history, "epoch": history.epoch, "params": history.params})
     return history
 
 

@@ -10,19 +10,20 @@ For each optimizer step s (until train.epochs or train.max_steps, whichever come
 
 Because micro-batch losses are summed and divided by the full batch size, the update is the
 same whatever train.grad_accum is (up to float rounding), and the same on N processes:
-``par`` (a :class:`~zerotune.train.distributed.Parallel`) gives each process its slice of the
+``par`` (a :class:`~zerotune.train.parallel.Parallel`) gives each process its slice of the
 batch and sums across processes; with one process each of its calls is the plain operation.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from zerotune.config import Config
+from zerotune.config import Config, EarlyStopping
 from zerotune.errors import Interrupted, RunFailed, ZerotuneError
+from zerotune.files import load_state_dict_checked, write_failed, write_text
 from zerotune.train import checkpoint as ckpt
-from zerotune.train.distributed import Parallel
 from zerotune.train.optim import make_optimizer, make_scheduler
+from zerotune.train.parallel import Parallel
+from zerotune.train.tasks import Task
 
 
 def pick_device(name: str) -> torch.device:
@@ -75,7 +78,34 @@ class LoopState:
     stopped_early: bool = False
     window_loss: float = 0.0  # train loss summed since the last log line
     window_steps: int = 0
-    history: list[dict] = field(default_factory=list)  # evaluation results, one per evaluation
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> LoopState:
+        """The counters of a checkpoint (keys an older version saved and this one does not use are left out)."""
+        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
+
+
+@dataclass(frozen=True)
+class Watch:
+    """Which validation number marks the best step (the ``best`` checkpoint), and when to stop:
+    ``train.early_stopping``, else ``val_loss`` watched without ever stopping."""
+
+    metric: str = "val_loss"
+    mode: str = "min"
+    min_delta: float = 0.0
+    patience: float = math.inf  # evaluations without improvement before stopping
+    restore_best: bool = False
+
+    @classmethod
+    def of(cls, early: EarlyStopping | None) -> Watch:
+        if early is None:
+            return cls()
+        return cls(early.metric, early.mode, early.min_delta, early.patience, early.restore_best)
+
+    def improved(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        return value < best - self.min_delta if self.mode == "min" else value > best + self.min_delta
 
 
 class MetricsLog:
@@ -87,7 +117,7 @@ class MetricsLog:
             return
         if path.exists():  # resuming: drop lines past the checkpoint so no step appears twice
             keep = [ln for ln in path.read_text().splitlines() if _logged_step(ln) <= resume_step]
-            ckpt.atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+            write_text(path, "".join(ln + "\n" for ln in keep))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -95,7 +125,7 @@ class MetricsLog:
                 purge = resume_step + 1 if resume_step else None
                 self.writer = SummaryWriter(str(path.parent / "tb"), purge_step=purge)
             except OSError as e:
-                raise ckpt.write_failed(e, path.parent / "tb", "TensorBoard events") from e
+                raise write_failed(e, path.parent / "tb", "TensorBoard events") from e
 
     def write(self, record: dict[str, Any]) -> None:
         if self.path is None:
@@ -104,14 +134,14 @@ class MetricsLog:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:  # disk full: one line naming the file; the checkpoints are untouched
-            raise ckpt.write_failed(e, self.path, "the file") from e
+            raise write_failed(e, self.path, "the file") from e
         if self.writer is not None:
             try:
                 for k, v in record.items():
                     if k != "step" and isinstance(v, (int, float)):
                         self.writer.add_scalar(k, v, record["step"])
             except OSError as e:
-                raise ckpt.write_failed(e, self.path.parent / "tb", "TensorBoard events") from e
+                raise write_failed(e, self.path.parent / "tb", "TensorBoard events") from e
 
     def close(self) -> None:
         if self.writer is not None:
@@ -125,12 +155,6 @@ def _logged_step(line: str) -> float:
     except (json.JSONDecodeError, KeyError, TypeError):
         return math.inf
     return step if isinstance(step, int) else math.inf
-
-
-def improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
-    if best is None:
-        return True
-    return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
 @contextlib.contextmanager
@@ -174,7 +198,7 @@ def grads_finite(params: list[nn.Parameter]) -> bool:
     return True
 
 
-def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None = None,
+def train_loop(model: nn.Module, task: Task, cfg: Config, *, checkpoints: Path | None = None,
                metrics_path: Path | None = None, device: torch.device | None = None,
                resume: Path | None = None, log=print, par: Parallel | None = None,
                on_record=None) -> LoopState:
@@ -193,7 +217,7 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
     state = LoopState()
     if resume is not None:
         weights, saved = ckpt.load_checkpoint(resume, device)
-        ckpt.load_state_dict_checked(model, weights, resume)  # into the plain model, before sharding
+        load_state_dict_checked(model, weights, resume)  # into the plain model, before sharding
     model = par.wrap(model)
     optimizer = make_optimizer(model, cfg.optim, device)
     scheduler = make_scheduler(optimizer, cfg.schedule, int(total))
@@ -201,11 +225,14 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
     if resume is not None:
         par.load_optimizer_state(model, optimizer, saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        state = LoopState(**saved["loop"])
+        state = LoopState.from_saved(saved["loop"])
         par.set_rng_state(saved, log)  # each process's own when saved by as many
         last_saved = state.step
     forward = torch.compile(model) if t.compile else model
-    early = t.early_stopping
+    watch = Watch.of(t.early_stopping)
+    val = task.split("val")
+    if t.early_stopping is not None and val is None:
+        raise ZerotuneError("train.early_stopping needs a validation split: set data.val or data.val_split > 0")
     logger = MetricsLog(metrics_path, state.step, tensorboard=metrics_path is not None)
     bar = None
     if t.progress and par.is_main:
@@ -229,124 +256,120 @@ def train_loop(model: nn.Module, task, cfg: Config, *, checkpoints: Path | None 
         ckpt.save_checkpoint(checkpoints, name or ckpt.step_name(state.step), weights, saved,
                              keep_last=t.keep_last if name is None else None)
 
-    if early and not task.has_val:
-        raise ZerotuneError("train.early_stopping needs a validation split: set data.val or data.val_split > 0")
     best_weights = None
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     window_samples, window_start = 0, time.perf_counter()
-    with stop_signals() as caught:
-        while state.step < total and not state.stopped_early:
-            step = state.step
-            # this process's share of the step's batch, as micro-batches; rows and n (examples or
-            # target tokens) count the whole batch
-            parts, rows, n = par.batch(task, step, t.batch_size, t.grad_accum)
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = None
-            seed_grad = torch.full((), par.grad_scale / n, device=device)  # backprop Σ·w/n without a division node
-            try:
-                for j, (x_m, y_m) in enumerate(parts):
-                    with par.grad_sync(model, last=j == len(parts) - 1):
-                        with autocast_for(device, t.precision):
-                            out = forward(x_m)
-                        loss = task.loss(out, y_m)  # summed over the micro-batch
-                        loss.backward(seed_grad)
-                    loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-            except torch.OutOfMemoryError:
-                raise RunFailed(f"step {step}: out of memory on {device}; lower train.batch_size or raise "
-                                "train.grad_accum (same update, smaller micro-batches); the last good checkpoint "
-                                "is kept") from None
-            loss_value = float(par.sum(loss_sum)) / n
-            # clip_grad_norm_ also rescales every gradient; without clipping a non-finite check is enough
-            if t.grad_clip or par.world_size > 1:
-                finite_grads = math.isfinite(float(par.clip_grad_norm(model, t.grad_clip or math.inf)))
-            else:
-                finite_grads = grads_finite(params)
-            if not (math.isfinite(loss_value) and finite_grads):
-                what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-                if t.on_nonfinite == "skip" and state.skips < t.max_skips:
-                    state.skips += 1
-                    log(f"warning: step {step}: non-finite {what}; update skipped ({state.skips}/{t.max_skips})")
-                    optimizer.zero_grad(set_to_none=True)
-                    state.step += 1
-                    scheduler.step()
-                    continue
-                raise RunFailed(
-                    f"step {step}: the {what} is not finite (loss={loss_value}); the learning rate "
-                    f"({scheduler.get_last_lr()[0]:.3g}) may be too high or the input may hold NaN/inf values; "
-                    "the last good checkpoint is kept"
-                )
-            optimizer.step()
-            scheduler.step()
-            state.step += 1
-            state.window_loss += loss_value
-            state.window_steps += 1
-            window_samples += rows
-
-            record: dict[str, Any] = {}
-            save_step = bool(t.checkpoint_every) and state.step % t.checkpoint_every == 0
-            end_of_epoch = state.step % steps_per_epoch == 0
-            if state.step % t.log_every == 0 or state.step >= total:
-                elapsed = time.perf_counter() - window_start
-                record |= {"loss": state.window_loss / state.window_steps,
-                           "lr": scheduler.get_last_lr()[0],
-                           f"{task.unit}_per_sec": window_samples * task.units_per_example / max(elapsed, 1e-9)}
-                record |= task.extra_log(record)
-                if "mfu" in record:  # the throughput is all processes', the peak one device's
-                    record["mfu"] /= par.world_size
-                state.window_loss, state.window_steps = 0.0, 0
-            evaluate_now = (state.step % t.eval_every == 0) if t.eval_every else end_of_epoch
-            if (evaluate_now or state.step >= total) and task.has_val:
-                result = {f"val_{k}": v for k, v in par.evaluate_val(task, model).items()}
-                record |= result
-                state.history.append({"step": state.step, **result})
-                metric = early.metric if early else "val_loss"
-                if metric not in result:
-                    raise ZerotuneError(f"train.early_stopping.metric: {metric!r} is not computed; "
-                                        f"choose from {', '.join(result)}")
-                mode = early.mode if early else "min"
-                if improved(result[metric], state.best_value, mode, early.min_delta if early else 0.0):
-                    state.best_value, state.best_step, state.bad_evals = result[metric], state.step, 0
-                    save("best")
-                    if checkpoints is None and early and early.restore_best:
-                        best_weights = {k: v.detach().clone() for k, v in par.model_state(model, True).items()}
+    try:
+        with stop_signals() as caught:
+            while state.step < total and not state.stopped_early:
+                step = state.step
+                # this process's share of the step's batch, as micro-batches; rows and n (examples or
+                # target tokens) count the whole batch
+                parts, rows, n = par.batch(task, step, t.batch_size, t.grad_accum)
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum = None
+                seed_grad = torch.full((), par.grad_scale / n, device=device)  # backprop Σ·w/n without a division node
+                try:
+                    for j, (x_m, y_m) in enumerate(parts):
+                        with par.grad_sync(model, last=j == len(parts) - 1):
+                            with autocast_for(device, t.precision):
+                                out = forward(x_m)
+                            loss = task.loss(out, y_m)  # summed over the micro-batch
+                            loss.backward(seed_grad)
+                        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+                except torch.OutOfMemoryError:
+                    raise RunFailed(f"step {step}: out of memory on {device}; lower train.batch_size or raise "
+                                    "train.grad_accum (same update, smaller micro-batches); the last good checkpoint "
+                                    "is kept") from None
+                loss_value = float(par.sum(loss_sum)) / n
+                # clip_grad_norm_ also rescales every gradient; without clipping a non-finite check is enough
+                if t.grad_clip or par.world_size > 1:
+                    finite_grads = math.isfinite(float(par.clip_grad_norm(model, t.grad_clip or math.inf)))
                 else:
-                    state.bad_evals += 1
-                    if early and state.bad_evals >= early.patience:
-                        state.stopped_early = True
-                        log(f"early stopping at step {state.step}: {metric} has not improved for "
-                            f"{early.patience} evaluations (best {state.best_value:.4g} at step {state.best_step})")
-                if not t.checkpoint_every:
-                    save_step = True
-            # the metrics line goes first: a checkpoint never runs ahead of metrics.jsonl
-            if record:
-                record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), **record}
-                logger.write(record)
-                if on_record is not None:
-                    on_record(record)
+                    finite_grads = grads_finite(params)
+                if not (math.isfinite(loss_value) and finite_grads):
+                    what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+                    if t.on_nonfinite == "skip" and state.skips < t.max_skips:
+                        state.skips += 1
+                        log(f"warning: step {step}: non-finite {what}; update skipped ({state.skips}/{t.max_skips})")
+                        optimizer.zero_grad(set_to_none=True)
+                        state.step += 1
+                        scheduler.step()
+                        continue
+                    raise RunFailed(
+                        f"step {step}: the {what} is not finite (loss={loss_value}); the learning rate "
+                        f"({scheduler.get_last_lr()[0]:.3g}) may be too high or the input may hold NaN/inf values; "
+                        "the last good checkpoint is kept"
+                    )
+                optimizer.step()
+                scheduler.step()
+                state.step += 1
+                state.window_loss += loss_value
+                state.window_steps += 1
+                window_samples += rows
+
+                record: dict[str, Any] = {}
+                save_step = bool(t.checkpoint_every) and state.step % t.checkpoint_every == 0
+                end_of_epoch = state.step % steps_per_epoch == 0
+                if state.step % t.log_every == 0 or state.step >= total:
+                    elapsed = time.perf_counter() - window_start
+                    record |= {"loss": state.window_loss / state.window_steps,
+                               "lr": scheduler.get_last_lr()[0],
+                               f"{task.unit}_per_sec": window_samples * task.units_per_example / max(elapsed, 1e-9)}
+                    record |= task.extra_log(record, cfg)
+                    if "mfu" in record:  # the throughput is all processes', the peak one device's
+                        record["mfu"] /= par.world_size
+                    state.window_loss, state.window_steps = 0.0, 0
+                evaluate_now = (state.step % t.eval_every == 0) if t.eval_every else end_of_epoch
+                if (evaluate_now or state.step >= total) and val is not None:
+                    result = {f"val_{k}": v for k, v in task.evaluate(par.unwrap(model), val, par).items()}
+                    record |= result
+                    if watch.metric not in result:
+                        raise ZerotuneError(f"train.early_stopping.metric: {watch.metric!r} is not computed; "
+                                            f"choose from {', '.join(result)}")
+                    if watch.improved(result[watch.metric], state.best_value):
+                        state.best_value, state.best_step, state.bad_evals = result[watch.metric], state.step, 0
+                        save("best")
+                        if checkpoints is None and watch.restore_best:
+                            best_weights = {k: v.detach().clone() for k, v in par.model_state(model, True).items()}
+                    else:
+                        state.bad_evals += 1
+                        if state.bad_evals >= watch.patience:
+                            state.stopped_early = True
+                            log(f"early stopping at step {state.step}: {watch.metric} has not improved for "
+                                f"{watch.patience} evaluations (best {state.best_value:.4g} at step {state.best_step})")
+                    if not t.checkpoint_every:
+                        save_step = True
+                # the metrics line goes first: a checkpoint never runs ahead of metrics.jsonl
+                if record:
+                    record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), **record}
+                    logger.write(record)
+                    if on_record is not None:
+                        on_record(record)
+                    if bar is not None:
+                        bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in
+                                         ("loss", "val_loss", "val_accuracy", "samples_per_sec", "tokens_per_sec")})
+                if save_step:
+                    save()
+                if "loss" in record:  # the next window starts after this step's evaluation, checkpoint and log
+                    window_samples, window_start = 0, time.perf_counter()
                 if bar is not None:
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in
-                                     ("loss", "val_loss", "val_accuracy", "samples_per_sec", "tokens_per_sec")})
-            if save_step:
-                save()
-            if "loss" in record:  # the next window starts after this step's evaluation, checkpoint and log
-                window_samples, window_start = 0, time.perf_counter()
-            if bar is not None:
-                bar.update(1)
-            if par.any(bool(caught)):  # every process stops at the same step
-                save()
-                logger.close()
-                code = 128 + (caught[0] if caught else signal.SIGTERM)
-                raise Interrupted(f"stopped by signal at step {state.step}; checkpoint saved, "
-                                  "continue with: zerotune train --resume RUN", code)
-    if last_saved != state.step:
-        save()
-    if bar is not None:
-        bar.close()
-    logger.close()
-    if early and early.restore_best and state.best_step is not None and state.best_step != state.step:
+                    bar.update(1)
+                if par.any(bool(caught)):  # every process stops at the same step
+                    save()
+                    code = 128 + (caught[0] if caught else signal.SIGTERM)
+                    raise Interrupted(f"stopped by signal at step {state.step}; checkpoint saved, "
+                                      "continue with: zerotune train --resume RUN", code)
+        if last_saved != state.step:
+            save()
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+    if watch.restore_best and state.best_step is not None and state.best_step != state.step:
         weights = ckpt.load_checkpoint(checkpoints / "best", device)[0] if checkpoints is not None else best_weights
         if weights is not None:
             par.load_model_state(model, weights)
-            log(f"restored the best weights (step {state.best_step}, {early.metric} {state.best_value:.4g})")
+            log(f"restored the best weights (step {state.best_step}, {watch.metric} {state.best_value:.4g})")
     return state

@@ -1,11 +1,9 @@
-"""Distributed training: the one loop on W processes (torchrun + DDP or FSDP2).
+"""The one loop on W processes (torchrun + DDP or FSDP2): what a process does at each step.
 
-    zerotune train CONFIG --nproc 4                        starts torchrun on this machine
-    torchrun --nproc-per-node 4 -m zerotune train CONFIG   the same by hand (and across machines)
-    zerotune finetune CONFIG --from SOURCE --nproc 4       fine-tuning, the same way
-
-Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set) each process joins
-the process group itself: NCCL on CUDA (process r drives cuda:LOCAL_RANK), gloo on CPU.
+:class:`Parallel` is this process's place in the run (rank, world size, strategy, device) and
+the few operations the loop needs: its share of the batch, the gradient reduction, the sums and
+gathers of evaluation, full state dicts. With one process each is the plain operation. Joining
+the processes and starting them is :mod:`zerotune.train.launch`.
 
 ``train.batch_size`` B is the global batch. Step s uses exactly the single-process batch
 ``task.batch(s)`` = (x₁ … x_n), n ≤ B, split contiguously into W near-equal slices S_r; rank r
@@ -42,13 +40,9 @@ each rank's random state, restored when the run resumes on as many processes.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import logging
 import math
-import os
-import signal
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,62 +50,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from zerotune.config import TrainConfig
 from zerotune.errors import ZerotuneError
-from zerotune.train import checkpoint as ckpt
+from zerotune.train.checkpoint import rng_state, set_rng_state
 
 EVAL_BATCH = 1024
-# Communication failures surface as RuntimeError (gloo) or DistError (NCCL, stores); these words
-# tell them apart from a RuntimeError raised by the model itself.
-_COMM_MARKERS = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "broken pipe")
-
-
-class DistributedError(ZerotuneError):
-    """A process of a multi-process run could not join or lost contact with the others (exit 1),
-    or its launch environment is wrong (exit 2).
-
-    Unlike other errors (which rank 0 reports for everyone), every process prints this one.
-    """
-
-    def __init__(self, message: str, *, path: object | None = None, exit_code: int = 1) -> None:
-        super().__init__(message, path=path)
-        self.exit_code = exit_code
-
-
-def env_rank() -> int:
-    """This process's rank: the joined process group's, else torchrun's RANK, else 0."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    try:
-        return int(os.environ.get("RANK", "0") or 0)
-    except ValueError:
-        return 0  # reported by session() as a bad environment
-
-
-def should_report(error: BaseException) -> bool:
-    """Whether this process prints ``error``: rank 0 always; others only for their own failures."""
-    return env_rank() == 0 or isinstance(error, DistributedError)
-
-
-def main_only(log: Callable[..., Any]) -> Callable[..., Any]:
-    """``log`` on rank 0, a no-op elsewhere."""
-    return log if env_rank() == 0 else (lambda *a, **k: None)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    if text.startswith("[") and "] " in text:  # drop gloo's "[/path/pair.cc:553] " source location
-        text = text.split("] ", 1)[1]
-    return text.split(". This is typically", 1)[0]  # gloo's advice sentence and emoji
-
-
-def is_comm_failure(error: BaseException) -> bool:
-    if dist.is_available() and isinstance(error, dist.DistError):
-        return True
-    return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in _COMM_MARKERS)
-
-
-# ---------------------------------------------------------------- the process group
 
 
 @dataclass
@@ -222,10 +164,10 @@ class Parallel:
         return contextlib.nullcontext()
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:
-        """Sum of ``value`` over ranks (a copy; the value itself with one process)."""
+        """Sum of ``value`` over ranks (a copy, on the communication device; the value itself with one process)."""
         if self.world_size == 1:
             return value
-        value = value.detach().clone()
+        value = value.detach().to(self._comm_device, copy=True)
         dist.all_reduce(value)
         return value
 
@@ -296,7 +238,7 @@ class Parallel:
         if self.world_size == 1:
             return None
         states = [None] * self.world_size if self.is_main else None
-        dist.gather_object(ckpt.rng_state(), states, dst=0)
+        dist.gather_object(rng_state(), states, dst=0)
         return states
 
     def set_rng_state(self, saved: dict[str, Any], log: Callable[..., Any]) -> None:
@@ -304,9 +246,9 @@ class Parallel:
         as many ranks (``saved["rng_ranks"]``), else rank 0's (``saved["rng"]``) on every rank."""
         ranks = saved.get("rng_ranks")
         if ranks is not None and len(ranks) == self.world_size:
-            ckpt.set_rng_state(ranks[self.rank])
+            set_rng_state(ranks[self.rank])
             return
-        ckpt.set_rng_state(saved["rng"])
+        set_rng_state(saved["rng"])
         had = len(ranks) if ranks is not None else 1
         if had != self.world_size:
             log(f"the checkpoint holds the random state of {had} process{'es' if had > 1 else ''}, this run has "
@@ -315,26 +257,13 @@ class Parallel:
 
     # ------------------------------------------------ evaluation and coordination
 
-    def evaluate_val(self, task, model: nn.Module) -> dict[str, float]:
-        """The task's validation numbers, the same on every rank.
-
-        A supervised task's validation set is split across ranks and the outputs gathered; the
-        evaluation batches of a language model or an SFT task are dealt out to the ranks and their
-        sums (loss, tokens, ...) all-reduced.
-        """
-        from zerotune.train.tasks import SupervisedTask
-
-        plain = self.unwrap(model)
-        if self.world_size == 1:
-            return task.evaluate_val(plain)
-        if isinstance(task, SupervisedTask):
-            return task.evaluate(plain, task.data.val, predict=self._predict)
-        sums = task.eval_sums(plain, task.val, self.rank, self.world_size).to(self._comm_device)
-        return task.eval_result(self.sum(sums).cpu())
-
     @torch.no_grad()
-    def _predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Model outputs for all of ``x``: each rank runs its slice, then all slices are gathered."""
+    def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Model outputs (N, ...) for all of ``x``, in batches of EVAL_BATCH: with several processes
+        each runs its slice, then the slices are gathered."""
+        if self.world_size == 1:
+            outs = [model(x[i : i + EVAL_BATCH].to(self.device)).float() for i in range(0, len(x), EVAL_BATCH)]
+            return torch.cat(outs) if outs else torch.empty(0)
         sizes = [len(part) for part in torch.arange(len(x)).tensor_split(self.world_size)]
         if not sizes[0]:
             return torch.empty(0)
@@ -347,10 +276,6 @@ class Parallel:
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded)
         return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)])  # (n, ...)
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
 
     def on_main(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on rank 0 while the others wait; its ZerotuneError is raised on every rank."""
@@ -406,130 +331,3 @@ def by_name(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
     """The inverse of :func:`by_index`."""
     return {"state": {names[i]: v for i, v in state["state"].items()},
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
-
-
-# ---------------------------------------------------------------- joining and leaving
-
-
-def _world() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from a joined process group or torchrun's variables."""
-    if dist.is_available() and dist.is_initialized():
-        rank = dist.get_rank()
-        return rank, dist.get_world_size(), int(os.environ.get("LOCAL_RANK", rank))
-    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-    raw = {k: os.environ.get(k) for k in names}
-    if raw["WORLD_SIZE"] in (None, "", "1"):
-        return 0, 1, 0
-    try:
-        rank, world = int(raw["RANK"] or ""), int(raw["WORLD_SIZE"] or "")
-        local = int(raw["LOCAL_RANK"] or rank)
-    except ValueError:
-        raise DistributedError(f"environment: RANK, WORLD_SIZE and LOCAL_RANK must be integers, got {raw}",
-                               exit_code=2) from None
-    if not 0 <= rank < world:
-        raise DistributedError(f"environment: RANK={rank} is outside 0..WORLD_SIZE-1 (WORLD_SIZE={world})",
-                               exit_code=2)
-    return rank, world, local
-
-
-def strategy_for(name: str, world_size: int) -> str:
-    """The strategy actually used: none on one process; ``auto`` → ddp on several."""
-    if world_size == 1:
-        return "none"
-    return "ddp" if name == "auto" else name
-
-
-@contextlib.contextmanager
-def session(train: TrainConfig, device: torch.device, log: Callable[..., Any] = print) -> Iterator[Parallel]:
-    """Join the run's process group when started by torchrun, and leave it at the end.
-
-    Uses a process group that is already initialised (and leaves it so). On one process this
-    yields a single-process :class:`Parallel`. A process that cannot join within
-    ``train.dist_timeout`` seconds, or that loses contact with the others, raises
-    :class:`DistributedError` (one line).
-    """
-    rank, world, local = _world()
-    par = Parallel(rank, world, strategy_for(train.strategy, world), device, train.activation_checkpointing)
-    if world == 1:
-        if train.strategy != "auto":
-            log(f"one process: train.strategy {train.strategy} has no effect (start several with --nproc or torchrun)")
-        yield par
-        return
-    if device.type == "mps":
-        raise ZerotuneError("train.device: mps cannot be shared by several processes; use cuda or cpu")
-    if device.type == "cuda":
-        par.device = torch.device("cuda", local)
-        torch.cuda.set_device(par.device)
-    owned = not dist.is_initialized()
-    backend = "nccl" if par.device.type == "cuda" else "gloo"
-    if owned:
-        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-        try:
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=train.dist_timeout),
-                                    device_id=par.device if backend == "nccl" else None)
-        except (dist.DistError, ValueError) as e:
-            raise DistributedError(f"rank {rank}: could not join the {world} processes of the run at {where} "
-                                   f"within train.dist_timeout={train.dist_timeout}s ({_first_line(e)})") from None
-    try:
-        per = math.ceil(train.batch_size / world)
-        log(f"{world} processes · {par.strategy} · {dist.get_backend()} · global batch {train.batch_size} "
-            f"= {world} × {per} per process · micro-batch {math.ceil(per / train.grad_accum)} "
-            f"(train.grad_accum {train.grad_accum})")
-        try:
-            yield par
-        except RuntimeError as e:
-            if not is_comm_failure(e):
-                raise
-            raise DistributedError(f"rank {rank}: lost contact with another process of the run, which stopped "
-                                   f"or failed ({_first_line(e)})") from None
-    finally:
-        if owned and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-# ---------------------------------------------------------------- launching
-
-
-def launch(nproc: int, argv: list[str]) -> int:
-    """Run ``zerotune <argv>`` as ``nproc`` processes on this machine through torchrun.
-
-    Equivalent to ``torchrun --standalone --nproc-per-node NPROC -m zerotune ARGV``. Each
-    process prints its own errors; the return value is the exit code of the first that failed
-    (a process killed by a signal raises :class:`DistributedError` naming it).
-    """
-    if nproc < 1:
-        raise ZerotuneError(f"--nproc: expected a positive number of processes, got {nproc}")
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        raise ZerotuneError("--nproc: this process was already started by torchrun; drop --nproc")
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
-    # torchrun warns when it picks one thread per process; split the cores evenly instead
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "--module", "zerotune",
-                                         *argv])
-    # the launcher's own notes and failure summary: each process reports for itself
-    quiet = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("torch.distributed")]
-    levels = [q.level for q in quiet]
-    for q in quiet:
-        q.setLevel(logging.CRITICAL)
-    try:
-        run(args)
-    except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        if failure.exitcode > 0:  # the process printed its own error line
-            return failure.exitcode
-        sig = -failure.exitcode  # killed by a signal, so it could not say anything itself
-        raise DistributedError(f"process {rank} of {nproc} was killed by {signal.Signals(sig).name}",
-                               exit_code=128 + sig) from None
-    except SignalException as e:
-        return 128 + int(e.sigval)
-    finally:
-        for q, level in zip(quiet, levels, strict=True):
-            q.setLevel(level)
-    return 0
-
-
-__all__ = ["Parallel", "DistributedError", "session", "launch", "strategy_for", "blocks", "should_report",
-           "main_only", "env_rank"]

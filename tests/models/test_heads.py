@@ -8,15 +8,14 @@ from torch import nn
 
 from zerotune.errors import ZerotuneError
 from zerotune.finetune.freeze import train_head_only
-from zerotune.finetune.heads import (
+from zerotune.interop.hf import load_pretrained
+from zerotune.models.bert import BERT, BERTConfig
+from zerotune.models.heads import (
     SequenceClassifier,
     TokenClassifier,
     pool,
     replace_head,
-    sequence_regressor,
 )
-from zerotune.interop.hf import load_pretrained
-from zerotune.models.bert import BERT, BERTConfig
 from zerotune.models.mlp import MLP
 
 
@@ -58,7 +57,7 @@ def test_classifier_on_bert_ignores_padding():
     padded = torch.tensor([[3, 4, 5, 0, 0, 0]])
     with torch.no_grad():
         torch.testing.assert_close(clf(padded), clf(ids), atol=1e-5, rtol=1e-5)
-    reg = sequence_regressor(body, 16, pooling="cls", pad_id=0)
+    reg = SequenceClassifier(body, 16, 1, pooling="cls", pad_id=0)  # a regression head: one value
     assert reg(ids).shape == (1, 1)
     tok = TokenClassifier(body, 16, 5, pad_id=0)
     assert tok(padded).shape == (1, 6, 5)

@@ -108,13 +108,6 @@ class SequenceClassifier(nn.Module):
         return self.head(self.dropout(pool(h, mask, self.pooling)))  # (B, n_outputs)
 
 
-def sequence_regressor(
-    body: nn.Module, hidden: int, n_outputs: int = 1, pooling: Pooling = "mean", pad_id: int | None = None
-) -> SequenceClassifier:
-    """A regression head: the same pooled linear layer, returning (B, n_outputs) real values."""
-    return SequenceClassifier(body, hidden, n_outputs, pooling, pad_id)
-
-
 class TokenClassifier(nn.Module):
     """One label per token (tagging): body → dropout → linear on every position, (B, T, n_outputs)."""
 
@@ -144,12 +137,6 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     return found[-1]
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def replace_head(model: nn.Module, n_outputs: int) -> str:
     """Replace the last ``nn.Linear`` of ``model`` by a freshly initialised one with ``n_outputs`` outputs.
 
@@ -164,5 +151,5 @@ def replace_head(model: nn.Module, n_outputs: int) -> str:
     name, old = last_linear(model)
     new = nn.Linear(old.in_features, n_outputs, bias=old.bias is not None)
     new.to(device=old.weight.device, dtype=old.weight.dtype)
-    _set_submodule(model, name, new)
+    model.set_submodule(name, new)
     return name
