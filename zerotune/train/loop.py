@@ -206,7 +206,7 @@ def train_loop(model: nn.Module, task: Task, cfg: Config, *, checkpoints: Path |
 
     With ``checkpoints`` set, checkpoints are written there (latest + best); with ``resume``
     (a checkpoint folder), the run continues exactly where that checkpoint left it. ``par`` is
-    this process's place in a multi-process run (from ``distributed.session``); under FSDP the
+    this process's place in a multi-process run (from ``launch.session``); under FSDP the
     model is sharded in place. ``on_record``, if given, is called with each metrics record.
     """
     t = cfg.train
