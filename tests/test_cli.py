@@ -99,3 +99,22 @@ def test_nproc_relaunches_the_command_line_as_given(monkeypatch, verb, argv, pas
     source = ["--from", "minilm", "--method", "lora"] if verb == "finetune" and "--resume" not in argv else []
     assert cli.main(["--debug", verb, *argv, *source]) == 0
     assert calls == [(2, ["--debug", verb, *passed, *source])]
+
+
+@pytest.mark.parametrize("error, shown", [(RuntimeError("boom\nsecond line"), "RuntimeError: boom"),
+                                          (RecursionError("maximum recursion depth"),
+                                           "RecursionError: maximum recursion depth"),
+                                          (ValueError(""), "ValueError: ValueError")])
+def test_an_unexpected_error_is_one_line_exit_1_and_debug_shows_it(monkeypatch, capsys, error, shown):
+    from zerotune import cli
+    from zerotune.evaluate import api
+
+    def broken(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(api, "evaluate", broken)
+    assert cli.main(["evaluate", "somewhere"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"error: internal error in evaluate: {shown}; rerun with --debug for the traceback"]
+    with pytest.raises(type(error)):
+        cli.main(["--debug", "evaluate", "somewhere"])

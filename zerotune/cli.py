@@ -1,7 +1,8 @@
 """The command line: parse arguments, call one library function per verb, nothing else.
 
 Errors in input (config, data, checkpoint, arguments) print one line on stderr and exit 2;
-``--debug`` shows the traceback instead.
+``--debug`` shows the traceback instead. Anything else that goes wrong is one line too
+(``error: internal error in VERB: ...``, exit 1): no traceback without ``--debug``.
 """
 
 from __future__ import annotations
@@ -394,6 +395,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # the net under every clear message: no traceback reaches a user without --debug
+        if debug:
+            raise
+        from zerotune.files import first_line
+
+        verb = next((a for a in argv if not a.startswith("-")), "zerotune")
+        print(f"error: internal error in {verb}: {type(e).__name__}: {first_line(e)}; rerun with --debug for the "
+              "traceback", file=sys.stderr)
+        return 1
 
 
 def leave(code: int) -> NoReturn:
