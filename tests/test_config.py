@@ -58,3 +58,14 @@ def test_round_trip_through_yaml(tmp_path):
     cfg = load_config({"model": {"arch": "mlp", "init": "normal(0.02)"}}, ["train.epochs=4"])
     again = load_config(write(tmp_path, cfg.to_yaml()))
     assert again == cfg and isinstance(again, Config)
+
+
+@pytest.mark.parametrize("scaling, message", [
+    ({"rope_type": "linear", "factor": -2}, "factor must be a finite number > 0, got -2"),
+    ({"rope_type": "linear", "factor": float("nan")}, "factor must be a finite number > 0, got nan"),
+    ({"rope_type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 1,
+      "original_max_position_embeddings": 64}, "high_freq_factor must be larger than low_freq_factor"),
+])
+def test_rope_scaling_values_are_bounded(scaling, message):
+    with pytest.raises(ZerotuneError, match=f"model.rope_scaling: {message}"):
+        load_config({"model": {"arch": "gpt", "pos": "rope", "norm": "rmsnorm", "rope_scaling": scaling}})

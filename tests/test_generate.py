@@ -109,9 +109,14 @@ def test_tensor_prompt_and_model_mode_restored():
         ({"prompt_ids": [[]]}, "every prompt needs at least one token"),
         ({"prompt_ids": [[1] * 40], "max_new_tokens": 9}, r"prompt of 40 tokens \+ max_new_tokens 9 exceeds"),
         ({"prompt_ids": [[1, 200]]}, r"token ids must lie in \[0, 99\)"),
-        ({"temperature": -1.0}, "temperature: expected ≥ 0"),
+        ({"temperature": -1.0}, "temperature: expected a finite number ≥ 0"),
+        ({"temperature": float("nan")}, "temperature: expected a finite number ≥ 0, got nan"),
+        ({"temperature": float("inf")}, "temperature: expected a finite number ≥ 0, got inf"),
         ({"top_p": 1.5}, r"top_p: expected a number in \(0, 1\]"),
+        ({"top_p": float("nan")}, r"top_p: expected a number in \(0, 1\]"),
         ({"top_k": 0}, "top_k: expected ≥ 1"),
+        ({"repetition_penalty": float("nan")}, "repetition_penalty: expected a finite number > 0"),
+        ({"seed": -1}, r"seed: expected an integer in \[0, 2\*\*63\)"),
     ],
 )
 def test_bad_arguments(kwargs, message):

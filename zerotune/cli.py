@@ -19,6 +19,22 @@ from typing import NoReturn
 from zerotune.errors import ZerotuneError
 
 
+def whole(low: int, high: int = 2**63 - 1):
+    """An argparse type: a whole number in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high}, got {value}")
+        return value
+    return parse
+
+
+SEED = whole(0, 2**32 - 1)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad command line as one ZerotuneError line, not a usage block."""
 
@@ -131,7 +147,7 @@ def _evaluate(a: argparse.Namespace) -> int:
 def _predict(a: argparse.Namespace) -> int:
     from zerotune.evaluate.api import predict
 
-    print(f"predictions: {predict(a.run, a.input, a.output)}")
+    print(f"predictions: {predict(a.run, a.input, a.output, overwrite=a.overwrite)}")
     return 0
 
 
@@ -179,10 +195,10 @@ def _generate(a: argparse.Namespace) -> int:
         generate_text(a.run, [a.prompt], stream=lambda s: print(s, end="", flush=True), **kwargs)
         print()
         return 0
+    from zerotune.files import read_text
+
     path = Path(a.prompts)
-    if not path.is_file():
-        raise ZerotuneError("file not found", path=path)
-    prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = [line for line in read_text(path).splitlines() if line.strip()]
     if not prompts:
         raise ZerotuneError("no prompts (one per line) in the file", path=path)
     for prompt, text in zip(prompts, generate_text(a.run, prompts, **kwargs), strict=True):
@@ -223,8 +239,8 @@ def build_parser() -> Parser:
     s.add_argument("--out", help="run folder (default runs/<config name>)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     s.add_argument("--resume", metavar="RUN", help="continue RUN from its latest good checkpoint")
-    s.add_argument("--nproc", type=int, metavar="N", help="train with N processes on this machine (starts torchrun; "
-                   "one per GPU, or CPU processes); see docs/distributed.md")
+    s.add_argument("--nproc", type=int, metavar="N", help="train with N processes on this machine "
+                   "(starts torchrun; one per GPU, or CPU processes); see docs/distributed.md")
     s.set_defaults(fn=_train)
 
     s = sub.add_parser("finetune", help="fine-tune a pretrained model (a run, a Hugging Face folder, minilm)",
@@ -239,8 +255,8 @@ def build_parser() -> Parser:
     s.add_argument("--out", help="run folder (default runs/<config name>)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     s.add_argument("--resume", metavar="RUN", help="continue a fine-tuning run from its latest good checkpoint")
-    s.add_argument("--nproc", type=int, metavar="N", help="fine-tune with N processes on this machine (starts "
-                   "torchrun; one per GPU, or CPU processes); see docs/distributed.md")
+    s.add_argument("--nproc", type=int, metavar="N", help="fine-tune with N processes on this machine "
+                   "(starts torchrun; one per GPU, or CPU processes); see docs/distributed.md")
     s.set_defaults(fn=_finetune)
 
     s = sub.add_parser("export", help="write a run's model as a Hugging Face folder, zerotune safetensors or ONNX",
@@ -303,6 +319,7 @@ def build_parser() -> Parser:
     s.add_argument("run", help="run folder")
     s.add_argument("--input", required=True, help="a .csv/.npz/.jsonl file or a data spec")
     s.add_argument("--output", help="CSV to write (default RUN/predictions.csv)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     s.set_defaults(fn=_predict)
 
     s = sub.add_parser("generate", help="sample text from a trained decoder (KV cache, streaming)",
@@ -311,19 +328,20 @@ def build_parser() -> Parser:
     s.add_argument("run", help="run folder of a gpt model")
     s.add_argument("--prompt", help="the prompt text (the prompt, then the completion, stream to stdout)")
     s.add_argument("--prompts", metavar="FILE", help="one prompt per line; prints one JSON object per prompt")
-    s.add_argument("--max-new-tokens", type=int, default=100)
+    s.add_argument("--max-new-tokens", type=whole(0), default=100)
     s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--top-k", type=whole(1), default=None)
     s.add_argument("--top-p", type=float, default=None)
     s.add_argument("--repetition-penalty", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=None, help="fixes the sample")
+    s.add_argument("--seed", type=SEED, default=None, help="fixes the sample")
     s.set_defaults(fn=_generate)
 
     s = sub.add_parser("inspect", help="parameters, FLOPs, layer table and memory of a config or run",
                        description="Example: zerotune inspect configs/gpt2_124m.yaml --batch-size 8")
     s.add_argument("target", help="a YAML config or a run folder")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    s.add_argument("--batch-size", type=int, default=None, help="for the memory estimate (default train.batch_size)")
+    s.add_argument("--batch-size", type=whole(1, 2**31), default=None,
+                   help="for the memory estimate (default train.batch_size)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_inspect)
 
@@ -343,7 +361,7 @@ def build_parser() -> Parser:
                         "--out runs/tok")
     t.add_argument("--input", required=True, metavar="SPEC",
                    help="text:FILE|DIR, jsonl:FILE, builtin:pydoc or builtin:stdlib")
-    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--vocab-size", type=whole(1, 2**24), required=True)
     t.add_argument("--kind", default="bytelevel-bpe", choices=["bytelevel-bpe", "bpe", "wordpiece", "char"])
     t.add_argument("--out", required=True, metavar="DIR")
     t.add_argument("--text-field", default="text", help="JSONL field holding the text")
@@ -357,9 +375,9 @@ def build_parser() -> Parser:
     s.add_argument("--tokenizer", required=True, metavar="DIR", help="a tokenizer.json or its folder")
     s.add_argument("--out", required=True, metavar="DIR")
     s.add_argument("--val-fraction", type=float, default=0.01)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--min-chars", type=int, default=1)
-    s.add_argument("--max-chars", type=int, default=None)
+    s.add_argument("--seed", type=SEED, default=0)
+    s.add_argument("--min-chars", type=whole(0), default=1)
+    s.add_argument("--max-chars", type=whole(1), default=None)
     s.add_argument("--text-field", default="text")
     s.add_argument("--overwrite", action="store_true", help="replace existing shards")
     s.set_defaults(fn=_prepare)

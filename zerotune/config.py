@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from zerotune.errors import ZerotuneError
+from zerotune.files import read_text
 from zerotune.models import ARCHS, ModelConfig
 from zerotune.models.mlp import MLPConfig
 
@@ -82,6 +83,13 @@ class OptimConfig(Strict):
     nesterov: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):  # NaN fails too
+            raise ValueError("each beta must be in [0, 1)")
+        return v
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> OptimConfig:
@@ -180,7 +188,7 @@ class SFTConfig(Strict):
 
 
 class Config(Strict):
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     task: Literal[TASKS] = "classification"  # type: ignore[valid-type]
     data: DataConfig = DataConfig()
     model: ModelConfig = MLPConfig()  # type: ignore[valid-type]
@@ -207,20 +215,41 @@ class Config(Strict):
 # ---------------------------------------------------------------- loading and errors
 
 
-def read_yaml(path: str | Path) -> Any:
-    """Read a YAML file with ``safe_load``; unreadable, unsafe or malformed files are a ZerotuneError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ZerotuneError("file not found" if not path.exists() else "not a file", path=path)
+MAX_YAML_VALUES = 100_000  # a config is a few hundred values; more is an alias bomb or not a config
+MAX_YAML_DEPTH = 50
+
+
+def safe_yaml(text: str, where: object) -> Any:
+    """``yaml.safe_load`` of ``text``, refused in one line (naming ``where``) when it is malformed, nested
+    deeper than MAX_YAML_DEPTH or expands (aliases counted each time they are used) past MAX_YAML_VALUES."""
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ZerotuneError("not a UTF-8 text file", path=path) from None
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
+        line = f"line {mark.line + 1}: " if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ZerotuneError(f"{where}invalid YAML: {problem}", path=path) from None
+        raise ZerotuneError(f"{line}invalid YAML: {problem}", path=where) from None
+    except RecursionError:
+        raise ZerotuneError("invalid YAML: nested too deeply", path=where) from None
+    stack, count = [(data, 0)], 0
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_YAML_VALUES:
+            raise ZerotuneError(f"expands to more than {MAX_YAML_VALUES:,} values (YAML aliases?); a config is far "
+                                "smaller", path=where)
+        if depth > MAX_YAML_DEPTH:
+            raise ZerotuneError(f"nested deeper than {MAX_YAML_DEPTH} levels; a config is far flatter", path=where)
+        if isinstance(node, dict):
+            stack += [(v, depth + 1) for kv in node.items() for v in kv]
+        elif isinstance(node, list):
+            stack += [(v, depth + 1) for v in node]
+    return data
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Read a YAML file with ``safe_load``; unreadable, unsafe, malformed or runaway files are a ZerotuneError."""
+    return safe_yaml(read_text(path), Path(path))
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
@@ -231,9 +260,11 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ZerotuneError(f"--set {pair!r}: expected KEY=VALUE, e.g. train.epochs=3")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+            value = safe_yaml(raw, f"--set {key.strip()}") if raw.strip() else ""
+        except ZerotuneError as e:
+            if "invalid YAML" not in str(e):
+                raise
+            value = raw  # not YAML: the text itself
         out[key.strip()] = value
     return out
 

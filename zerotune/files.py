@@ -13,19 +13,23 @@ object and a JSONL file of objects; a missing, malformed or unsafe file is one
     atomic_write(path, write)       write(tmp) fills the temporary file; then fsync + rename
     write_text / write_json         text, or an object as JSON (+ newline)
     copy_file(src, dst)             a copy, atomically
+    check_output(out, ...)          the one output rule: what may be written, and what --overwrite may replace
+    staged_folder(out)              build a folder beside ``out``, then swap it into place
     save_weights / load_weights     safetensors (tensors that share memory, like tied embeddings, are copied)
     load_torch(path)                torch.load(weights_only=True) with the one-line errors
+    read_text(path)                 a UTF-8 text file
     read_json_object(path)          a JSON object
     iter_jsonl(path)                (line number, object) for each non-blank line
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +94,86 @@ def write_json(path: str | Path, obj: Any, indent: int = 1) -> None:
 
 def copy_file(src: str | Path, dst: str | Path) -> None:
     atomic_write(dst, lambda p: shutil.copyfile(src, p))
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def overlaps(a: Path, b: Path) -> bool:
+    """Whether ``a`` is ``b``, lies inside it, or holds it."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def check_output(out: str | Path, *, overwrite: bool, inputs: Iterable[str | Path] = (), kind: str = "folder",
+                 recognise: Callable[[Path], bool] | None = None) -> bool:
+    """The output rule every verb that writes follows, checked before any work: whether ``out`` (a
+    folder) may be written, True when it holds an earlier output that will be replaced.
+
+    ``out`` may not be, hold or lie inside any of the verb's ``inputs``; an existing non-empty folder
+    is replaced only with ``overwrite``, and only when ``recognise(out)`` says it is the same ``kind``
+    of output (a folder of something else is never removed).
+
+    Raises:
+        ZerotuneError: any of these (exit 2), naming ``out``.
+    """
+    out = Path(out)
+    for path in inputs:
+        if overlaps(out, Path(path)):
+            raise ZerotuneError(f"is, holds or lies inside an input of this command ({path}); choose another "
+                                "folder", path=out)
+    if out.exists() and not out.is_dir():
+        raise ZerotuneError("exists and is not a folder", path=out)
+    if not (out.is_dir() and any(out.iterdir())):
+        return False
+    if recognise is not None and not recognise(out):
+        a = "an" if kind[0] in "aeiou" else "a"
+        raise ZerotuneError(f"holds files and is not {a} {kind}; choose another folder (--overwrite replaces only "
+                            f"{a} {kind})", path=out)
+    if not overwrite:
+        raise ZerotuneError(f"{kind} already exists; pass --overwrite to replace it or --out to choose another",
+                            path=out)
+    return True
+
+
+def check_output_file(out: str | Path, *, overwrite: bool, inputs: Iterable[str | Path] = ()) -> None:
+    """The output rule for one file: not an input, not a folder, and an existing one only with ``overwrite``."""
+    out = Path(out)
+    for path in inputs:
+        if overlaps(out, Path(path)):
+            raise ZerotuneError(f"is an input of this command ({path}); choose another file", path=out)
+    if out.is_dir():
+        raise ZerotuneError("is a folder; give a file name", path=out)
+    if out.exists() and not overwrite:
+        raise ZerotuneError("already exists; pass --overwrite to replace it", path=out)
+
+
+@contextlib.contextmanager
+def staged_folder(out: str | Path) -> Iterator[Path]:
+    """A new folder built at a temporary sibling (``.NAME.tmp-PID``), put in place of ``out`` only when
+    the block succeeds (an old ``out`` is moved aside first and removed last). When the block fails,
+    ``out`` is left as it was and the temporary folder is removed."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        if out.exists():
+            os.rename(out, old)
+        os.rename(tmp, out)
+        fsync_dir(out.parent)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_failed(e, out, "the folder") from e
+        if type(e) is RunFailed and str(tmp) in str(e):  # a write inside: name the file where it was going
+            raise RunFailed(str(e).replace(str(tmp), str(out))) from e
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- tensors
@@ -157,7 +241,24 @@ def load_state_dict_checked(model: torch.nn.Module, weights: dict[str, torch.Ten
     model.load_state_dict(weights)
 
 
-# ---------------------------------------------------------------- JSON
+# ---------------------------------------------------------------- text and JSON
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file (a leading BOM dropped).
+
+    Raises:
+        ZerotuneError: the file is missing, a folder, unreadable or not UTF-8 (named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ZerotuneError("file not found" if not path.exists() else "not a file", path=path)
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ZerotuneError(f"not UTF-8 text ({e.reason})", path=path) from None
+    except OSError as e:
+        raise ZerotuneError(f"cannot read ({e.strerror})", path=path) from None
 
 
 def read_json_object(path: str | Path) -> dict[str, Any]:
@@ -167,12 +268,9 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
         ZerotuneError: the file is missing, not UTF-8, not valid JSON, or not an object (named).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ZerotuneError("file not found", path=path)
+    text = read_text(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ZerotuneError(f"not UTF-8 text ({e.reason})", path=path) from None
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ZerotuneError(f"not valid JSON ({e})", path=path) from None
     except RecursionError:

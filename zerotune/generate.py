@@ -16,6 +16,7 @@ Per step, with logits z over the vocabulary:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -43,17 +44,21 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     return logits
 
 
-def _check_args(max_new_tokens: int, temperature: float, top_k, top_p, repetition_penalty: float) -> None:
-    if max_new_tokens < 0:
+def _check_args(max_new_tokens: int, temperature: float, top_k, top_p, repetition_penalty: float,
+                seed: int | None = None) -> None:
+    """Every sampling value in range (NaN and infinities fail each comparison, so they are refused too)."""
+    if not max_new_tokens >= 0:
         raise ZerotuneError(f"max_new_tokens: expected ≥ 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ZerotuneError(f"temperature: expected ≥ 0, got {temperature}")
-    if top_k is not None and top_k < 1:
+    if not 0 <= temperature < math.inf:
+        raise ZerotuneError(f"temperature: expected a finite number ≥ 0, got {temperature}")
+    if top_k is not None and not top_k >= 1:
         raise ZerotuneError(f"top_k: expected ≥ 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ZerotuneError(f"top_p: expected a number in (0, 1], got {top_p}")
-    if repetition_penalty <= 0:
-        raise ZerotuneError(f"repetition_penalty: expected > 0, got {repetition_penalty}")
+    if not 0 < repetition_penalty < math.inf:
+        raise ZerotuneError(f"repetition_penalty: expected a finite number > 0, got {repetition_penalty}")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise ZerotuneError(f"seed: expected an integer in [0, 2**63), got {seed}")
 
 
 @torch.inference_mode()
@@ -97,7 +102,7 @@ def generate(
     Example:
         >>> out = generate(model, [[1, 2, 3], [4]], max_new_tokens=20, temperature=0)
     """
-    _check_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    _check_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
     prompts = prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else [list(p) for p in prompt_ids]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ZerotuneError("prompt_ids: every prompt needs at least one token")
@@ -189,6 +194,7 @@ def generate_text(
     Example:
         >>> zerotune.generate("runs/pydoc_gpt_tiny", ["The with statement"], max_new_tokens=40, seed=0)
     """
+    _check_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)  # before the run is loaded
     loaded = load_run(run)
     if loaded.tokenizer is None:
         raise ZerotuneError("the run has no tokenizer.json; generation needs a text model", path=loaded.run.root)

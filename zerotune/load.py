@@ -31,7 +31,7 @@ from zerotune.config import FinetuneConfig, LoRAConfig, describe_error
 from zerotune.data.splits import Preprocess
 from zerotune.data.tokenizer import load_tokenizer
 from zerotune.errors import ZerotuneError
-from zerotune.files import load_state_dict_checked, load_weights
+from zerotune.files import load_state_dict_checked, load_weights, read_json_object
 from zerotune.finetune import lora as L
 from zerotune.finetune.adapt import LORA_METHODS, Pretrained, adapted_model, gpt_body
 from zerotune.interop import hf
@@ -79,6 +79,10 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
             raise ZerotuneError(describe_error({**err, "loc": (key, *err["loc"])}), path=run.model_json) from None
     cfg, info = parsed["model"], parsed["data_info"]
     try:
+        info.check()
+    except ValueError as e:
+        raise ZerotuneError(f"data_info: {e}", path=run.model_json) from None
+    try:
         if is_finetuned(meta):  # LoRA (base + adapter.safetensors) or a GPT sequence classifier
             model = rebuild_model(run, meta, info)
         else:
@@ -125,6 +129,12 @@ def rebuild_model(run: Run, meta: dict[str, Any], info: DataInfo) -> nn.Module:
     model = SequenceClassifier(gpt_body(GPT(cfg)), cfg.d_model, info.n_outputs, pooling or "last", info.pad_id)
     load_state_dict_checked(model, read_weights(run, meta), run.weights)
     return model
+
+
+def model_inputs(run: Run) -> list[Path]:
+    """What loading ``run`` reads: its model files, and the base folder a LoRA run's adapters sit on."""
+    base = read_json_object(run.model_json).get("base") if run.model_json.is_file() else None
+    return run.model_files() + ([Path(base)] if isinstance(base, str) and Path(base).is_dir() else [])
 
 
 def load_plain(run: str | Path) -> tuple[LoadedRun, dict]:

@@ -18,6 +18,7 @@ Loading a run into a model is :mod:`zerotune.load`.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from zerotune.errors import DistributedError, ZerotuneError
-from zerotune.files import read_json_object, save_weights, write_json
+from zerotune.files import check_output, read_json_object, save_weights, write_json
 
 ADAPTER = "adapter.safetensors"
 
@@ -59,6 +60,15 @@ class Run:
         return self.root / "tokenizer.json"
 
     @property
+    def chat_template(self) -> Path:
+        return self.root / "chat_template.json"
+
+    def model_files(self) -> list[Path]:
+        """The files the run's model is rebuilt from (those it has)."""
+        files = (self.config, self.model_json, self.weights, self.adapter, self.tokenizer, self.chat_template)
+        return [f for f in files if f.is_file()]
+
+    @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
 
@@ -75,26 +85,26 @@ class Run:
         return self.root / "report.md"
 
 
-def check_new_run(root: Path, overwrite: bool = False) -> bool:
-    """Whether ``root`` may become a new run folder; True when it holds an old one to replace.
+def is_run_folder(root: Path) -> bool:
+    """A folder zerotune made as a run (it holds config.yaml), which --overwrite may replace."""
+    return (root / "config.yaml").is_file()
+
+
+def check_new_run(root: Path, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> bool:
+    """Whether ``root`` may become a new run folder; True when it holds an old run to replace.
 
     Raises:
-        ZerotuneError: ``root`` is a file, or a non-empty folder without ``overwrite``.
+        ZerotuneError: ``root`` is a file, is or holds or lies inside one of ``inputs``, or is a non-empty
+            folder without ``overwrite`` or that is not a run folder.
     """
-    if root.exists() and not root.is_dir():
-        raise ZerotuneError("exists and is not a folder", path=root)
-    if root.is_dir() and any(root.iterdir()):
-        if not overwrite:
-            raise ZerotuneError("run folder already exists; pass --overwrite to replace it or --out to choose another",
-                                path=root)
-        return True
-    return False
+    return check_output(root, overwrite=overwrite, inputs=inputs, kind="run folder", recognise=is_run_folder)
 
 
-def create_run(out: str | Path, overwrite: bool = False) -> Run:
-    """Make a new run folder. An existing non-empty folder is replaced only with ``overwrite``."""
+def create_run(out: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Run:
+    """Make a new run folder. An existing run folder is replaced only with ``overwrite``; a folder that is
+    not a run, or that overlaps ``inputs``, never."""
     root = Path(out)
-    if check_new_run(root, overwrite):
+    if check_new_run(root, overwrite, inputs):
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     return Run(root)

@@ -151,8 +151,14 @@ def test_existing_out_needs_overwrite(digits_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "--overwrite" in err
     assert snapshot(out) == {"keep.txt": b"mine"} and snapshot(digits_run) == source
-    assert cli.main(["prune", str(digits_run), "--amount", "0.5", "--out", str(out), "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "model.json").is_file()
+    # a folder of other files is never replaced, --overwrite or not
+    assert cli.main(["prune", str(digits_run), "--amount", "0.5", "--out", str(out), "--overwrite"]) == 2
+    assert "is not a run folder" in capsys.readouterr().err and snapshot(out) == {"keep.txt": b"mine"}
+    pruned = tmp_path / "pruned"  # an earlier pruned run: replaced with --overwrite only
+    assert cli.main(["prune", str(digits_run), "--amount", "0.5", "--out", str(pruned)]) == 0
+    assert cli.main(["prune", str(digits_run), "--amount", "0.8", "--out", str(pruned)]) == 2
+    assert cli.main(["prune", str(digits_run), "--amount", "0.8", "--out", str(pruned), "--overwrite"]) == 0
+    assert json.loads((pruned / "model.json").read_text())["pruning"]["amount"] == 0.8
 
 
 def test_out_inside_the_source_is_refused(digits_run, capsys):

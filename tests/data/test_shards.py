@@ -285,7 +285,7 @@ def test_progress_bar_reports_throughput(tmp_path, tok_dir, capsys):
 def test_prepare_errors(tmp_path, tok_dir):
     spec = write_jsonl(tmp_path / "c.jsonl", BODY[:3])
     prepare(spec, tok_dir, tmp_path / "done", progress=False)
-    with pytest.raises(ZerotuneError, match=r"done: already holds prepared shards"):
+    with pytest.raises(ZerotuneError, match=r"done: shard folder already exists; pass --overwrite"):
         prepare(spec, tok_dir, tmp_path / "done", progress=False)
     prepare(spec, tok_dir, tmp_path / "done", progress=False, overwrite=True)
     with pytest.raises(ZerotuneError, match=r"val_fraction must be in \[0, 1\)"):
@@ -347,6 +347,10 @@ def test_truncated_shard_is_an_error_naming_it(prepared):
             lambda i: i["splits"]["val"]["shards"][0].update(file="val_9.bin"),
             r"val_9\.bin: shard file missing",
         ),
+        (lambda i: i.update(eos_id=i["vocab_size"]), r"impossible values: vocab_size \d+ \(1 to 65536 for uint16\), "
+                                                      r"eos_id \d+ \(below vocab_size\)"),
+        (lambda i: i.update(vocab_size=70_000), r"impossible values: vocab_size 70000 \(1 to 65536 for uint16\)"),
+        (lambda i: i.update(vocab_size=0), r"impossible values: vocab_size 0"),
     ],
 )
 def test_bad_index_is_an_error_naming_it(prepared, change, message):
@@ -371,3 +375,14 @@ def test_unreadable_or_missing_index_and_bad_requests(prepared, tmp_path):
         ShardDataset(prepared)
     with pytest.raises(ZerotuneError, match=r"absent: shard folder not found"):
         ShardDataset(tmp_path / "absent")
+
+
+def test_a_token_id_outside_the_vocabulary_is_an_error_naming_the_folder(prepared):
+    """index.json says how large the vocabulary is; shard files changed behind its back are caught per batch."""
+    shard = prepared / "train_000000.bin"
+    ids = np.fromfile(shard, dtype=np.uint16)
+    ids[3] = 60_000  # beyond the 320-token vocabulary
+    ids.tofile(shard)
+    ds = ShardDataset(prepared)
+    with pytest.raises(ZerotuneError, match=r"p: the train shards hold token id 60000, outside the vocabulary of 320"):
+        list(ds.eval_batches(4, 8))

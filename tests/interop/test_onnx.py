@@ -230,7 +230,9 @@ def test_existing_folder_is_not_touched(mlp_run, tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert main(["export", str(mlp_run), "--format", "onnx", "--out", str(out)]) == 2
-    assert "run folder already exists; pass --overwrite" in one_line(capsys)
+    assert "taken: holds files and is not an export folder" in one_line(capsys)
+    assert main(["export", str(mlp_run), "--format", "onnx", "--out", str(out), "--overwrite"]) == 2
+    assert "--overwrite replaces only an export folder" in one_line(capsys)
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
 
 

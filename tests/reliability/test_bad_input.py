@@ -4,11 +4,13 @@ overwritten; a full disk: exit 1, one line, every earlier checkpoint intact and 
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 import subprocess
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -46,6 +48,22 @@ def files(tmp_path_factory, reference_run):
     from zerotune.data.tokenizer import train_tokenizer
 
     train_tokenizer(f"text:{d / 'a.txt'}", 300, d / "tok", progress=False)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 4)).astype(np.float32)
+    np.savez(d / "oneclass.npz", x=x, y=np.zeros(30, np.int64))
+    np.savez(d / "nan.npz", x=np.where(np.arange(120).reshape(30, 4) == 57, np.nan, x), y=np.arange(30) % 2)
+    np.savez(d / "y2d.npz", x=x, y=np.zeros((30, 2), np.int64))
+    np.savez(d / "nofeatures.npz", x=np.zeros((30, 0), np.float32), y=np.arange(30) % 2)
+    np.savez(d / "floatlabels.npz", x=rng.normal(size=(30, 1, 8, 8)).astype(np.float32), y=rng.normal(size=30))
+    (d / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    levels = "abcdefg"  # each list holds ten of the one before: 10**7 values once expanded
+    (d / "bomb.yaml").write_text("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{k}: &{k} [{', '.join([f'*{p}'] * 10)}]\n" for p, k in zip(levels, levels[1:], strict=False)))
+    (d / "deep.yaml").write_text("seed: " + "[" * 200 + "]" * 200 + "\n")
+    shutil.copytree(d / "run", d / "badshape")
+    meta = json.loads((d / "badshape" / "model.json").read_text())
+    meta["data_info"]["input_shape"] = [0, 8, 8]
+    (d / "badshape" / "model.json").write_text(json.dumps(meta))
     return d
 
 
@@ -72,8 +90,34 @@ CASES = [
     (["train", "{d}/c.yaml", "--set", "data.train=csv:{d}/bad.csv"], ["bad.csv: line 2: 3 fields"]),
     (["train", "{d}/c.yaml", "--set", "data.in_memory=maybe"], ["data.in_memory: expected one of 'auto', True or"]),
     (["train", "{d}/c.yaml", "--set", "data.num_workers=-1"], ["data.num_workers: input should be greater than or"]),
+    (["train", "{d}/c.yaml", "--set", "seed=-1"], ["seed: input should be greater than or equal to 0"]),
+    (["train", "{d}/c.yaml", "--set", "seed=123456789012345678901234"], ["seed: input should be less than 4294967296"]),
+    (["train", "{d}/c.yaml", "--set", "optim.betas=[0.9,1.5]"], ["optim.betas: each beta must be in [0, 1)"]),
+    (["train", "{d}/c.yaml", "--set", "optim.betas=[.nan,0.9]"], ["optim.betas: each beta must be in [0, 1)"]),
+    (["train", "{d}/c.yaml", "--set", "train.metrics=[top0_accuracy]"], ["unknown metric 'top0_accuracy'"]),
+    (["train", "{d}/c.yaml", "--set", "model.hidden=[100000000000]"], ["model: 7,500,000,000,010 parameters need "
+                                                                          "about", "GiB for weights, gradients"]),
+    (["train", "{d}/c.yaml", "--set", "data.train=arrays:{d}/oneclass.npz"], ["a classifier needs two classes"]),
+    (["train", "{d}/c.yaml", "--set", "data.train=arrays:{d}/nan.npz"], ["nan.npz: x holds NaN or an infinity "
+                                                                          "(first in row 14)"]),
+    (["train", "{d}/c.yaml", "--set", "data.train=arrays:{d}/y2d.npz"], ["y2d.npz: y must hold one label or target"]),
+    (["train", "{d}/c.yaml", "--set", "data.train=arrays:{d}/nofeatures.npz"], ["nofeatures.npz: x has no features"]),
+    (["train", "{d}/bomb.yaml"], ["bomb.yaml: expands to more than 100,000 values"]),
+    (["train", "{d}/deep.yaml"], ["deep.yaml: nested deeper than 50 levels"]),
+    (["train", "{d}/c.yaml", "--set", "data=" + "[" * 100 + "]" * 100], ["--set data: nested deeper than 50 levels"]),
+    (["evaluate", "{d}/run", "--data", "arrays:{d}/floatlabels.npz"], ["its labels are real numbers, but the model "
+                                                                        "is a classifier"]),
+    (["evaluate", "{d}/badshape"], ["model.json: data_info: input_shape: expected sizes from 1"]),
+    (["generate", "{d}/run", "--prompt", "x", "--temperature", "nan"], ["temperature: expected a finite number"]),
+    (["generate", "{d}/run", "--prompt", "x", "--top-p", "inf"], ["top_p: expected a number in (0, 1]"]),
+    (["generate", "{d}/run", "--prompt", "x", "--seed", "-3"], ["--seed: expected a whole number from 0"]),
+    (["generate", "{d}/run", "--prompts", "{d}/latin1.txt"], ["latin1.txt: not UTF-8 text"]),
+    (["inspect", "{d}/c.yaml", "--batch-size", "0"], ["--batch-size: expected a whole number from 1"]),
+    (["prepare", "--input", "text:{d}/a.txt", "--tokenizer", "{d}/tok", "--out", "{d}/sh", "--seed", "-1"],
+     ["--seed: expected a whole number from 0"]),
     (["train", "{d}/c.yaml", "--out", "{d}/a.txt"], ["a.txt: exists and is not a folder"]),
-    (["train", "{d}/c.yaml", "--out", "{d}/plain"], ["plain: run folder already exists; pass --overwrite"]),
+    (["train", "{d}/c.yaml", "--out", "{d}/plain"], ["plain: holds files and is not a run folder"]),
+    (["train", "{d}/c.yaml", "--out", "{d}/plain", "--overwrite"], ["plain: holds files and is not a run folder"]),
     (["train", "--resume", "{d}/nothing"], ["nothing: run folder not found"]),
     (["train", "--resume", "{d}/plain"], ["plain: not a run folder (config.yaml is missing)"]),
     (["train", "--resume", "{d}/run", "--set", "seed=1"], ["--resume continues a run with its own config.yaml"]),
@@ -93,7 +137,7 @@ CASES = [
     (["tokenizer"], ["the following arguments are required: ACTION"]),
     (["tokenizer", "train", "--input", "text:{d}/a.txt", "--out", "{d}/t2"], ["--vocab-size"]),
     (["tokenizer", "train", "--input", "text:{d}/a.txt", "--vocab-size", "ten", "--out", "{d}/t2"],
-     ["argument --vocab-size: invalid int value: 'ten'"]),
+     ["argument --vocab-size: expected a whole number, got 'ten'"]),
     (["tokenizer", "train", "--input", "text:{d}/a.txt", "--vocab-size", "20", "--out", "{d}/t2"],
      ["vocab_size 20 is too small for a bytelevel-bpe tokenizer"]),
     (["tokenizer", "train", "--input", "text:{d}/missing.txt", "--vocab-size", "300", "--out", "{d}/t2"],
@@ -101,7 +145,7 @@ CASES = [
     (["tokenizer", "train", "--input", "text:{d}/a.txt", "--vocab-size", "300", "--out", "{d}/t2", "--kind", "x"],
      ["argument --kind: invalid choice: 'x'"]),
     (["tokenizer", "train", "--input", "text:{d}/a.txt", "--vocab-size", "300", "--out", "{d}/tok"],
-     ["tokenizer.json: already exists; pass overwrite"]),
+     ["tokenizer.json: already exists; pass --overwrite"]),
     (["prepare", "--input", "text:{d}/a.txt", "--out", "{d}/sh"], ["--tokenizer"]),
     (["prepare", "--input", "text:{d}/a.txt", "--tokenizer", "{d}/nothing", "--out", "{d}/sh"],
      ["tokenizer file not found"]),

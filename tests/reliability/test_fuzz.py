@@ -7,6 +7,8 @@ import gzip
 import json
 import pickle
 import struct
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -387,3 +389,54 @@ def test_checkpoint_folder_reader(scratch, state, manifest, files):
         found = ckpt.latest_checkpoint(root)
     assert found in (None, folder)
     check(ckpt.load_checkpoint, folder)
+
+
+# ---------------------------------------------------------------- configuration values on the command line
+
+# every leaf key of a digits MLP config that does not decide how long training takes
+SET_KEYS = ["seed", "task", "data.val_split", "data.test_split", "data.normalize", "data.classes", "data.train",
+            "optim.name", "optim.lr", "optim.weight_decay", "optim.momentum", "optim.nesterov", "optim.betas",
+            "optim.eps", "schedule.name", "schedule.warmup_steps", "schedule.step_size", "schedule.gamma",
+            "schedule.min_lr_ratio", "train.batch_size", "train.grad_accum", "train.loss", "train.label_smoothing",
+            "train.grad_clip", "train.metrics", "train.eval_every", "train.log_every", "train.checkpoint_every",
+            "train.keep_last", "train.on_nonfinite", "train.max_skips", "train.precision", "model.hidden",
+            "model.activation", "model.dropout", "model.norm", "model.init", "model.arch", "train.early_stopping"]
+yaml_scalars = st.one_of(
+    st.integers(-2**70, 2**70).map(str), st.floats(allow_nan=True, allow_infinity=True).map(
+        lambda f: {"nan": ".nan", "inf": ".inf", "-inf": "-.inf"}.get(str(f), repr(f))),
+    st.text(alphabet="abcdefxyz_01.-:[]{},", max_size=10), st.sampled_from(["true", "null", "~", "[]", "{}", "''"]),
+    st.lists(st.integers(-3, 10**7), max_size=3).map(json.dumps),
+    st.sampled_from(["[top0_accuracy]", "[f1, auroc]", "normal(-1)", "normal(0.02)", "sgd", "bf16", "cnn", "1e400"]))
+
+
+@settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(key=st.sampled_from(SET_KEYS), value=yaml_scalars)
+def test_any_set_value_trains_or_is_one_line(scratch, key, value):
+    """`train CONFIG --set KEY=VALUE`: it trains (exit 0), stops on a run failure such as divergence (exit 1),
+    or refuses the value (exit 2), always with one line naming it, never a traceback, and a neighbouring run
+    folder never changes."""
+    import hashlib
+
+    import yaml as pyyaml
+
+    from tests.conftest import tiny_config
+    from zerotune.cli import main
+
+    config = scratch / "fuzz.yaml"
+    if not config.exists():
+        config.write_text(pyyaml.safe_dump(tiny_config(epochs=None, max_steps=2, eval_every=1)))
+        main(["train", str(config), "--out", str(scratch / "keep")])
+    keep = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (scratch / "keep").rglob("*") if p.is_file()}
+    proc = subprocess.run([sys.executable, "-m", "zerotune", "train", str(config), "--set", f"{key}={value}", "--out",
+                           str(scratch / "fuzzrun"), "--overwrite"], capture_output=True, text=True, timeout=600,
+                          cwd=scratch)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode in (0, 1, 2), proc.stderr
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr, proc.stderr
+    if proc.returncode:
+        assert len(errors) == 1, proc.stderr
+    if proc.returncode == 2:
+        top = key.split(".")[0]
+        assert top in errors[0] or "data spec" in errors[0] or "--set" in errors[0], errors[0]
+    assert keep == {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (scratch / "keep").rglob("*")
+                    if p.is_file()}

@@ -25,29 +25,29 @@ from zerotune.compress.prune import SCOPES, check_amount, prune_tensors, sparsit
 from zerotune.compress.quantize import check_bits, quantize_tensor
 from zerotune.errors import ZerotuneError
 from zerotune.evaluate.api import evaluate, measure
-from zerotune.files import copy_file, save_weights, write_json
-from zerotune.load import LoadedRun, load_plain
-from zerotune.run import Run, check_new_run, create_run, open_run, write_model_json
+from zerotune.files import copy_file, save_weights, staged_folder, write_json
+from zerotune.load import LoadedRun, load_plain, model_inputs
+from zerotune.run import Run, check_new_run, open_run, write_model_json
 
 
 def output_folder(source: Path, out: str | Path | None, suffix: str, overwrite: bool) -> Path:
     """The new run folder (default: the source's name + ``suffix``, beside it), checked before any work.
 
     Raises:
-        ZerotuneError: the folder is the source or inside it, or exists (non-empty) without ``overwrite``.
+        ZerotuneError: the folder is the source, lies inside it or holds it (or the base of a LoRA
+            source), or is an existing run without ``overwrite``, or a folder that is not a run.
     """
     source = Path(source)
     root = Path(out) if out else source.with_name(source.name + suffix)
     if root.resolve().is_relative_to(source.resolve()):
         raise ZerotuneError("--out: the source run is never modified; choose a folder outside it", path=root)
-    check_new_run(root, overwrite)
+    check_new_run(root, overwrite, inputs=[source, *model_inputs(Run(source))])
     return root
 
 
-def write_run(loaded: LoadedRun, root: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
-              overwrite: bool) -> Run:
-    """A new run folder: the source's config.yaml and tokenizer.json, ``tensors`` and model.json (last)."""
-    run = create_run(root, overwrite)
+def write_run(loaded: LoadedRun, folder: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Run:
+    """A new run folder (empty): the source's config.yaml and tokenizer.json, ``tensors`` and model.json (last)."""
+    run = Run(folder)
     copy_file(loaded.run.config, run.config)
     if loaded.run.tokenizer.is_file():
         copy_file(loaded.run.tokenizer, run.tokenizer)
@@ -125,12 +125,13 @@ def prune(run: str | Path, amount: float = 0.5, scope: str = "layer", out: str |
     meta["pruning"] = {"method": "magnitude", "amount": amount, "scope": scope,
                        "include_embeddings": include_embeddings, "sparsity": zeros / total,
                        "zeros": zeros, "weights": total, "threshold": threshold, "tensors": per_tensor}
-    new = write_run(loaded, root, model.state_dict(), meta, overwrite)
     log(f"pruned {len(layers)} weight tensors: {zeros:,} of {total:,} weights are zero ({zeros / total:.1%}), "
         f"scope {scope}")
-    compare(loaded.run.root, before, new, data, {"method": "prune", "pruning": meta["pruning"]}, "pruned", log)
-    log(f"written: {new.root} (metrics in compress.json)")
-    return new.root
+    with staged_folder(root) as folder:  # a failure leaves an earlier --out as it was
+        new = write_run(loaded, folder, model.state_dict(), meta)
+        compare(loaded.run.root, before, new, data, {"method": "prune", "pruning": meta["pruning"]}, "pruned", log)
+    log(f"written: {root} (metrics in compress.json)")
+    return root
 
 
 def quantize(run: str | Path, bits: int = 8, out: str | Path | None = None, overwrite: bool = False,
@@ -174,19 +175,20 @@ def quantize(run: str | Path, bits: int = 8, out: str | Path | None = None, over
         names.append(key)
     meta["quantization"] = {"method": "int8 weight-only, symmetric, per output channel", "bits": bits,
                             "formula": "w = q * scale[row], scale = max|w_row| / 127", "tensors": names}
-    new = write_run(loaded, root, state, meta, overwrite)
     source_file = loaded.run.weights if loaded.run.weights.is_file() else None  # a LoRA run has adapters only
-    sizes = {"source_file": source_file.stat().st_size if source_file else None, "float_tensors": float_bytes,
-             "quantized_file": new.weights.stat().st_size,
-             "quantized_tensors": {"float": quantized_before, "int8_with_scales": quantized_after}}
-    log(f"quantized {len(names)} weight tensors to int8: {_mb(quantized_before)} -> {_mb(quantized_after)} "
-        f"({quantized_before / quantized_after:.2f}x smaller)")
-    what = f"model.safetensors {_mb(sizes['source_file'])}" if source_file else f"float weights {_mb(float_bytes)}"
-    log(f"{what} -> model.safetensors {_mb(sizes['quantized_file'])}")
-    compare(loaded.run.root, before, new, data, {"method": "quantize", "bits": bits, "sizes": sizes,
-                                                 "quantization": meta["quantization"]}, "int8", log)
-    log(f"written: {new.root} (metrics and sizes in compress.json); compute runs in float after loading")
-    return new.root
+    with staged_folder(root) as folder:  # a failure leaves an earlier --out as it was
+        new = write_run(loaded, folder, state, meta)
+        sizes = {"source_file": source_file.stat().st_size if source_file else None, "float_tensors": float_bytes,
+                 "quantized_file": new.weights.stat().st_size,
+                 "quantized_tensors": {"float": quantized_before, "int8_with_scales": quantized_after}}
+        log(f"quantized {len(names)} weight tensors to int8: {_mb(quantized_before)} -> {_mb(quantized_after)} "
+            f"({quantized_before / quantized_after:.2f}x smaller)")
+        what = f"model.safetensors {_mb(sizes['source_file'])}" if source_file else f"float weights {_mb(float_bytes)}"
+        log(f"{what} -> model.safetensors {_mb(sizes['quantized_file'])}")
+        compare(loaded.run.root, before, new, data, {"method": "quantize", "bits": bits, "sizes": sizes,
+                                                     "quantization": meta["quantization"]}, "int8", log)
+    log(f"written: {root} (metrics and sizes in compress.json); compute runs in float after loading")
+    return root
 
 
 def _mb(n: int) -> str:

@@ -9,6 +9,7 @@ on tensors, never per sample in Python.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -47,3 +48,14 @@ class Source:
     info: DataInfo
     test: Split | None = None
     tokenizer: object | None = None
+
+
+def spec_path(spec: str | None) -> Path | None:
+    """The file or folder a data spec reads: ``KIND:PATH``, a bare path (instruction files), or None for a
+    builtin set."""
+    if not spec:
+        return None
+    kind, sep, arg = spec.partition(":")
+    if sep and kind == "builtin":
+        return None
+    return Path(arg if sep and kind.isidentifier() else spec)

@@ -38,10 +38,11 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from zerotune.data.base import spec_path
 from zerotune.data.text import iter_documents
 from zerotune.data.tokenizer import load_tokenizer, save_tokenizer, special_ids, tokenizer_file
 from zerotune.errors import ZerotuneError
-from zerotune.files import copy_file, fsync_file, read_json_object, write_json
+from zerotune.files import check_output, copy_file, fsync_file, read_json_object, staged_folder, write_json
 
 FORMAT = "zerotune-shards"
 VERSION = 1
@@ -159,6 +160,8 @@ def prepare(
         raise ZerotuneError(
             f"need 0 <= min_chars <= max_chars, got min_chars={min_chars}, max_chars={max_chars}"
         )
+    if not 0 <= seed < 2**32:
+        raise ZerotuneError(f"seed must be a whole number in [0, 2**32), got {seed}")
     if batch_docs < 1 or shard_tokens < 1:
         raise ZerotuneError(f"batch_docs and shard_tokens must be positive, got {batch_docs}, {shard_tokens}")
     if isinstance(tokenizer, Tokenizer):
@@ -177,110 +180,117 @@ def prepare(
     documents = iter_documents(input_spec, text_field)
 
     out_dir = Path(out_dir)
-    index_path = out_dir / "index.json"
-    if index_path.exists() and not overwrite:
-        raise ZerotuneError("already holds prepared shards; pass overwrite to replace them", path=out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    index_path.unlink(missing_ok=True)  # the index marks a finished folder: gone until this run finishes
-    for split in SPLITS:
-        for old in out_dir.glob(f"{split}_*.bin"):
-            old.unlink()
-    dst = out_dir / "tokenizer.json"
-    if tok_source is None:
-        save_tokenizer(tok, dst)
-    elif not dst.exists() or not dst.samefile(tok_source):
-        copy_file(tok_source, dst)
+    inputs = [p for p in (spec_path(input_spec), tok_source) if p is not None]
+    check_output(out_dir, overwrite=overwrite, inputs=inputs, kind="shard folder", recognise=is_shard_folder)
+    with staged_folder(out_dir) as folder:  # written beside out_dir, put in place when complete
+        if tok_source is None:
+            save_tokenizer(tok, folder / "tokenizer.json")
+        else:
+            copy_file(tok_source, folder / "tokenizer.json")
 
-    enc = _encoding_copy(tok)
-    encode = getattr(enc, "encode_batch_fast", enc.encode_batch)  # same ids, skips char offsets
-    writers = {s: _ShardWriter(out_dir, s, dtype, shard_tokens) for s in SPLITS}
-    counts = {"read": 0, "kept": 0, "duplicate": 0, "too_short": 0, "too_long": 0, "bytes": 0}
-    seen: set[bytes] = set()
-    salt = seed.to_bytes(16, "little", signed=True)
-    threshold = int(val_fraction * 2**64)
-    last_train: np.ndarray | None = None  # kept to move into val if val ends up empty
-    bar = tqdm(
-        desc="prepare", unit="B", unit_scale=True, file=sys.stderr, disable=not progress, mininterval=0.5
-    )
+        enc = _encoding_copy(tok)
+        encode = getattr(enc, "encode_batch_fast", enc.encode_batch)  # same ids, skips char offsets
+        writers = {s: _ShardWriter(folder, s, dtype, shard_tokens) for s in SPLITS}
+        counts = {"read": 0, "kept": 0, "duplicate": 0, "too_short": 0, "too_long": 0, "bytes": 0}
+        seen: set[bytes] = set()
+        salt = seed.to_bytes(16, "little", signed=True)
+        threshold = int(val_fraction * 2**64)
+        last_train: np.ndarray | None = None  # kept to move into val if val ends up empty
+        bar = tqdm(
+            desc="prepare", unit="B", unit_scale=True, file=sys.stderr, disable=not progress, mininterval=0.5
+        )
 
-    def flush(batch: list[str], to_val: list[bool]) -> None:
-        nonlocal last_train
-        seqs = [e.ids for e in encode(batch, add_special_tokens=False)]
-        for split, want_val in (("train", False), ("val", True)):
-            chosen = [s for s, v in zip(seqs, to_val, strict=True) if v == want_val]
-            if not chosen:
-                continue
-            lengths = np.array([len(s) + 1 for s in chosen], dtype=np.int64)
-            for s in chosen:
-                s.append(eos_id)
-            tokens = np.fromiter(itertools.chain.from_iterable(chosen), dtype=dtype, count=int(lengths.sum()))
-            writers[split].write(tokens, lengths)
-            if split == "train":
-                last_train = tokens[-int(lengths[-1]) :]
+        def flush(batch: list[str], to_val: list[bool]) -> None:
+            nonlocal last_train
+            seqs = [e.ids for e in encode(batch, add_special_tokens=False)]
+            for split, want_val in (("train", False), ("val", True)):
+                chosen = [s for s, v in zip(seqs, to_val, strict=True) if v == want_val]
+                if not chosen:
+                    continue
+                lengths = np.array([len(s) + 1 for s in chosen], dtype=np.int64)
+                for s in chosen:
+                    s.append(eos_id)
+                tokens = np.fromiter(itertools.chain.from_iterable(chosen), dtype=dtype, count=int(lengths.sum()))
+                writers[split].write(tokens, lengths)
+                if split == "train":
+                    last_train = tokens[-int(lengths[-1]) :]
 
-    batch: list[str] = []
-    to_val: list[bool] = []
-    batch_bytes = 0
-    try:
-        for doc in documents:
-            counts["read"] += 1
-            text = unicodedata.normalize("NFC", doc)
-            if len(text) < min_chars:
-                counts["too_short"] += 1
-                continue
-            if max_chars is not None and len(text) > max_chars:
-                counts["too_long"] += 1
-                continue
-            data = text.encode("utf-8")
-            digest = hashlib.blake2b(data, digest_size=16).digest()
-            if digest in seen:
-                counts["duplicate"] += 1
-                continue
-            seen.add(digest)
-            counts["kept"] += 1
-            counts["bytes"] += len(data)
-            score = int.from_bytes(hashlib.blake2b(salt + digest, digest_size=8).digest(), "little")
-            batch.append(text)
-            to_val.append(score < threshold)
-            batch_bytes += len(data)
-            if len(batch) == batch_docs:
+        batch: list[str] = []
+        to_val: list[bool] = []
+        batch_bytes = 0
+        try:
+            for doc in documents:
+                counts["read"] += 1
+                text = unicodedata.normalize("NFC", doc)
+                if len(text) < min_chars:
+                    counts["too_short"] += 1
+                    continue
+                if max_chars is not None and len(text) > max_chars:
+                    counts["too_long"] += 1
+                    continue
+                data = text.encode("utf-8")
+                digest = hashlib.blake2b(data, digest_size=16).digest()
+                if digest in seen:
+                    counts["duplicate"] += 1
+                    continue
+                seen.add(digest)
+                counts["kept"] += 1
+                counts["bytes"] += len(data)
+                score = int.from_bytes(hashlib.blake2b(salt + digest, digest_size=8).digest(), "little")
+                batch.append(text)
+                to_val.append(score < threshold)
+                batch_bytes += len(data)
+                if len(batch) == batch_docs:
+                    flush(batch, to_val)
+                    bar.update(batch_bytes)
+                    bar.set_postfix(docs=counts["kept"], refresh=False)
+                    batch, to_val, batch_bytes = [], [], 0
+            if batch:
                 flush(batch, to_val)
                 bar.update(batch_bytes)
-                bar.set_postfix(docs=counts["kept"], refresh=False)
-                batch, to_val, batch_bytes = [], [], 0
-        if batch:
-            flush(batch, to_val)
-            bar.update(batch_bytes)
-    finally:
-        bar.close()
-        for w in writers.values():
-            w.close()
+        finally:
+            bar.close()
+            for w in writers.values():
+                w.close()
 
-    train, val = writers["train"], writers["val"]
-    if val_fraction > 0 and not val.shards and len(train.shards) and train.summary()["documents"] >= 2:
-        train.pop_last(len(last_train))
-        val.write(last_train, np.array([len(last_train)]))
-        val.close()
-    splits = {s: w.summary() for s, w in writers.items()}
-    counts.update({f"{s}_{k}": splits[s][k] for s in SPLITS for k in ("documents", "tokens")})
-    index = {
-        "format": FORMAT,
-        "version": VERSION,
-        "input": input_spec,
-        "dtype": dtype_name,
-        "vocab_size": vocab_size,
-        "eos_id": eos_id,
-        "tokenizer": "tokenizer.json",
-        "seed": seed,
-        "val_fraction": val_fraction,
-        "counts": {k: counts[k] for k in ("read", "kept", "duplicate", "too_short", "too_long", "bytes")},
-        "splits": splits,
-    }
-    for split in splits.values():  # the index (written last) says the shards are complete: they must be
-        for shard in split["shards"]:
-            fsync_file(out_dir / shard["file"])
-    write_json(index_path, index, indent=2)
+        train, val = writers["train"], writers["val"]
+        if val_fraction > 0 and not val.shards and len(train.shards) and train.summary()["documents"] >= 2:
+            train.pop_last(len(last_train))
+            val.write(last_train, np.array([len(last_train)]))
+            val.close()
+        splits = {s: w.summary() for s, w in writers.items()}
+        counts.update({f"{s}_{k}": splits[s][k] for s in SPLITS for k in ("documents", "tokens")})
+        index = {
+            "format": FORMAT,
+            "version": VERSION,
+            "input": input_spec,
+            "dtype": dtype_name,
+            "vocab_size": vocab_size,
+            "eos_id": eos_id,
+            "tokenizer": "tokenizer.json",
+            "seed": seed,
+            "val_fraction": val_fraction,
+            "counts": {k: counts[k] for k in ("read", "kept", "duplicate", "too_short", "too_long", "bytes")},
+            "splits": splits,
+        }
+        for split in splits.values():  # the index (written last) says the shards are complete: they must be
+            for shard in split["shards"]:
+                fsync_file(folder / shard["file"])
+        write_json(folder / "index.json", index, indent=2)
     return counts
+
+
+def is_shard_folder(folder: Path) -> bool:
+    """A folder prepare wrote (its index.json says so, or it holds nothing but shard files), which
+    --overwrite may replace."""
+    index = folder / "index.json"
+    if index.is_file():
+        try:
+            return read_json_object(index).get("format") == FORMAT
+        except ZerotuneError:
+            return False
+    names = [p.name for p in folder.iterdir()]
+    return all(n == "tokenizer.json" or (n.startswith(("train_", "val_")) and n.endswith(".bin")) for n in names)
 
 
 class ShardDataset:
@@ -320,6 +330,10 @@ class ShardDataset:
                 f"field 'dtype' must be one of {', '.join(DTYPES)}, got {index.get('dtype')!r}",
                 path=index_path,
             )
+        capacity = np.iinfo(DTYPES[index["dtype"]]).max + 1
+        if not 0 < index["vocab_size"] <= capacity or not 0 <= index["eos_id"] < index["vocab_size"]:
+            raise ZerotuneError(f"impossible values: vocab_size {index['vocab_size']} (1 to {capacity} for "
+                                f"{index['dtype']}), eos_id {index['eos_id']} (below vocab_size)", path=index_path)
         splits = index.get("splits")
         if not isinstance(splits, dict):
             raise ZerotuneError("field 'splits' must be an object", path=index_path)
@@ -381,7 +395,11 @@ class ShardDataset:
 
     def _windows(self, starts: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         index = starts[:, None] + np.arange(block_size + 1)  # (B, T+1)
-        tokens = torch.from_numpy(self._gather(index).astype(np.int64))  # (B, T+1)
+        raw = self._gather(index)
+        if raw.size and int(raw.max()) >= self.vocab_size:  # one comparison per batch: the files were changed
+            raise ZerotuneError(f"the {self.split} shards hold token id {int(raw.max())}, outside the vocabulary of "
+                                f"{self.vocab_size} that index.json gives", path=self.dir)
+        tokens = torch.from_numpy(raw.astype(np.int64))  # (B, T+1)
         return tokens[:, :-1], tokens[:, 1:]  # x (B, T), y (B, T)
 
     def _n_windows(self, block_size: int) -> int:

@@ -46,14 +46,23 @@ def load_arrays(arg: str, cfg=None) -> Source:
         raise ZerotuneError("file not found", path=path)
     else:
         x, y = _read_npz(path)
-    if len(x) != len(y):
-        raise ZerotuneError(f"x has {len(x)} rows but y has {len(y)}", path=path)
     if x.dtype.kind not in "fiub" or y.dtype.kind not in "fiub":
         raise ZerotuneError("x and y must be numeric arrays", path=path)
     kind = {1: "tabular", 2: "sequence", 3: "image"}.get(x.ndim - 1)  # (N, F), (N, T, F), (N, C, H, W)
     if kind is None:
         raise ZerotuneError(f"x must have 2 to 4 dimensions, got shape {tuple(x.shape)}", path=path)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise ZerotuneError(f"y must hold one label or target per row, shape (N,), got {tuple(y.shape)}", path=path)
+    if len(x) != len(y):
+        raise ZerotuneError(f"x has {len(x)} rows but y has {len(y)}", path=path)
     example = list(x.shape[1:])
+    if not all(example):
+        raise ZerotuneError(f"x has no features: each row has shape {tuple(example)}", path=path)
+    _check_finite(y, "y", path)
+    if not isinstance(x, np.memmap):  # in memory: checked here; a mapped x.npy is read per batch
+        _check_finite(x, "x", path)
     if isinstance(x, np.memmap) and not keep_in_memory(cfg.in_memory if cfg is not None else "auto",
                                                         x.size * 4):
         xt = MappedArray(path / "x.npy", example, range(len(x)))
@@ -65,6 +74,13 @@ def load_arrays(arg: str, cfg=None) -> Source:
         return Source(Split(xt, torch.from_numpy(yi.reshape(-1).astype(np.int64))), info)
     info = DataInfo(kind, example, target="regression")
     return Source(Split(xt, torch.from_numpy(y.astype(np.float32))), info)
+
+
+def _check_finite(a: np.ndarray, name: str, path: Path) -> None:
+    """NaN or an infinity in a float array is one line naming the array and the first bad row."""
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        row = int(np.argwhere(~np.isfinite(a.reshape(len(a), -1)))[0][0])
+        raise ZerotuneError(f"{name} holds NaN or an infinity (first in row {row})", path=path)
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -189,6 +189,9 @@ def load_data(cfg, task: str = "classification", seed: int = 0) -> Data:
     if task == "classification" and info.target == "regression":
         raise ZerotuneError(f"data spec {cfg.train!r}: task is classification but the targets are real numbers; "
                             "set task: regression")
+    if info.target == "classification" and len(info.classes) < 2:
+        raise ZerotuneError(f"data spec {cfg.train!r}: every example has the label {info.classes[:1]}; a classifier "
+                            "needs two classes or more")
     stratify = info.target == "classification"
     pool = source.train
     with tempfile.TemporaryDirectory() as tmp:

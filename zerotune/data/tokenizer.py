@@ -27,9 +27,10 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from zerotune.data.base import spec_path
 from zerotune.data.text import iter_documents
 from zerotune.errors import ZerotuneError
-from zerotune.files import atomic_write
+from zerotune.files import atomic_write, check_output_file
 
 SPECIAL_TOKENS = ["<|pad|>", "<|unk|>", "<|bos|>", "<|eos|>", "<|mask|>"]
 CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -107,7 +108,8 @@ def train_tokenizer(
         text_field: the text field of ``jsonl`` records.
         min_frequency: merges/words seen fewer times than this are not learnt.
         progress: show the trainer's progress bars on stderr.
-        overwrite: replace an existing ``tokenizer.json``.
+        overwrite: replace an existing ``tokenizer.json`` (never a run's or a shard folder's, and never
+            inside the corpus).
 
     Returns:
         The path of the saved ``tokenizer.json``.
@@ -126,8 +128,11 @@ def train_tokenizer(
         )
     out_dir = Path(out_dir)
     path = out_dir / "tokenizer.json"
-    if path.exists() and not overwrite:
-        raise ZerotuneError("already exists; pass overwrite to replace it", path=path)
+    corpus = spec_path(input_spec)
+    check_output_file(path, overwrite=overwrite, inputs=[corpus] if corpus else [])
+    if any((out_dir / name).exists() for name in ("config.yaml", "model.json", "index.json")):
+        raise ZerotuneError("holds a run or token shards, whose tokenizer.json is theirs; choose another --out",
+                            path=out_dir)
     documents = iter_documents(input_spec, text_field)
     n_docs = 0
 

@@ -19,14 +19,15 @@ from typing import Any
 import torch
 
 from zerotune.config import Config, load_config
-from zerotune.data.base import Split
+from zerotune.data.base import Split, spec_path
 from zerotune.data.sources import load_source
 from zerotune.data.splits import Data, load_data
 from zerotune.errors import ZerotuneError
 from zerotune.evaluate import metrics as M
 from zerotune.evaluate.plots import plot_confusion_matrix
-from zerotune.files import write_json, write_text
-from zerotune.load import LoadedRun, load_run
+from zerotune.files import check_output_file, write_json, write_text
+from zerotune.load import LoadedRun, load_run, model_inputs
+from zerotune.run import open_run
 from zerotune.train.tasks import SupervisedTask, make_sft_task, shard_task, supervised_task
 
 CLASSIFICATION_METRICS = ["accuracy", "precision", "recall", "f1", "top5_accuracy", "auroc"]
@@ -51,6 +52,8 @@ def _external_split(loaded: LoadedRun, cfg: Config, spec: str) -> Split:
         raise ZerotuneError(f"data spec {spec!r}: examples have shape {source.info.input_shape}, "
                             f"the model expects {info.input_shape}")
     y = split.y
+    if info.target == "classification" and source.info.target != "classification":
+        raise ZerotuneError(f"data spec {spec!r}: its labels are real numbers, but the model is a classifier")
     if info.target == "classification":
         names = {c: i for i, c in enumerate(info.classes)}
         unknown = [c for c in source.info.classes if c not in names]
@@ -153,17 +156,21 @@ def _csv(rows: list[list[Any]]) -> str:
     return out.getvalue()
 
 
-def predict(run: str | Path, input: str, output: str | Path | None = None) -> Path:
+def predict(run: str | Path, input: str, output: str | Path | None = None, overwrite: bool = False) -> Path:
     """Predict for every example of ``input`` (a data spec or a CSV/NPZ path); write a CSV.
 
     Classification rows: index, predicted label, its probability. Regression: index, value.
+    ``output`` (default ``RUN/predictions.csv``) may not be one of the run's files or the input; an
+    existing one is replaced only with ``overwrite``.
     """
-    loaded = load_run(run)
+    source = open_run(run)
     spec = input if ":" in input.split("/")[0] else _spec_for_path(input)
+    output = Path(output) if output else source.root / "predictions.csv"
+    check_output_file(output, overwrite=overwrite, inputs=[*model_inputs(source), *filter(None, [spec_path(spec)])])
+    loaded = load_run(run)
     examples = _external_split_for_predict(loaded, spec)
     with torch.no_grad():
         out = torch.cat([loaded.model(examples[i : i + 1024]).float() for i in range(0, len(examples), 1024)])
-    output = Path(output) if output else loaded.run.root / "predictions.csv"
     rows: list[list[Any]]
     if loaded.info.target == "classification":
         prob, idx = out.softmax(-1).max(-1)

@@ -23,7 +23,7 @@ from zerotune.errors import ZerotuneError
 
 CLASSIFICATION = ("accuracy", "precision", "recall", "f1", "auroc", "top5_accuracy")
 REGRESSION = ("mse", "mae", "r2")
-_TOPK = re.compile(r"^top(\d+)_accuracy$")
+_TOPK = re.compile(r"^top([1-9]\d{0,5})_accuracy$")
 
 
 def check_metric_names(names: list[str], target: str) -> None:

@@ -29,15 +29,15 @@ from torch import nn
 
 from zerotune.data.tokenizer import save_tokenizer, special_ids
 from zerotune.errors import ZerotuneError
-from zerotune.files import copy_file, save_weights, write_json
+from zerotune.files import check_output, copy_file, save_weights, staged_folder, write_json
 from zerotune.interop.hf_bert import save_hf_bert
 from zerotune.interop.hf_decoder import export_hf_decoder, family_of
 from zerotune.interop.onnx_export import export_onnx, require_onnx
-from zerotune.load import LoadedRun, load_plain
+from zerotune.load import LoadedRun, load_plain, model_inputs
 from zerotune.models.bert import BERT, BERTMaskedLM
 from zerotune.models.gpt import GPT
 from zerotune.models.heads import SequenceClassifier
-from zerotune.run import Run, create_run, write_model_json
+from zerotune.run import Run, open_run, write_model_json
 
 FORMATS = ("hf", "safetensors", "onnx")
 
@@ -48,7 +48,9 @@ def export(run: str | Path, format: str = "hf", out: str | Path | None = None, o
     Args:
         run: the run folder.
         format: ``hf``, ``safetensors`` or ``onnx`` (see the module docstring).
-        out: the folder to write (default ``RUN/export-FORMAT``); an existing non-empty one needs ``overwrite``.
+        out: the folder to write (default ``RUN/export-FORMAT``). An earlier export there is replaced only with
+            ``overwrite``; a folder that is not an export, or that holds the run's files, never. The export is
+            written beside it and put in place at the end, so a failure leaves an earlier one as it was.
 
     Returns:
         The folder written.
@@ -64,25 +66,38 @@ def export(run: str | Path, format: str = "hf", out: str | Path | None = None, o
         raise ZerotuneError(f"--format: expected one of {', '.join(FORMATS)}, got {format!r}")
     if format == "onnx":
         require_onnx()  # before anything is loaded or written
+    source = open_run(run)
+    root = Path(out or source.root / f"export-{format}")
+    check_output(root, overwrite=overwrite, inputs=model_inputs(source), kind="export folder",
+                 recognise=is_export_folder)
     loaded, meta = load_plain(run)
     model = loaded.model
-    arch = meta["model"]["arch"]
     if format == "hf":
-        _check_hf(model, arch, loaded.run.root)
-    if format == "onnx":
-        return export_onnx(loaded, model, Path(out or loaded.run.root / "export-onnx"), overwrite,
-                           meta.get("merged_from"))
-    new = create_run(out or loaded.run.root / f"export-{format}", overwrite)
-    folder = new.root
-    if format == "safetensors":
-        return _export_safetensors(loaded, meta, new)
-    if isinstance(model, GPT):
-        ids = special_ids(loaded.tokenizer) if loaded.tokenizer is not None else {}
-        export_hf_decoder(model, model.config, folder, bos_id=ids.get("bos"), eos_id=ids.get("eos"),
-                          pad_id=ids.get("pad"))
-        if loaded.tokenizer is not None:
-            _save_fast_tokenizer(loaded.tokenizer, folder, ids)
-        return folder
+        _check_hf(model, meta["model"]["arch"], loaded.run.root)
+    with staged_folder(root) as folder:
+        if format == "onnx":
+            export_onnx(loaded, model, folder, meta.get("merged_from"))
+        elif format == "safetensors":
+            _export_safetensors(loaded, meta, Run(folder))
+        elif isinstance(model, GPT):
+            ids = special_ids(loaded.tokenizer) if loaded.tokenizer is not None else {}
+            export_hf_decoder(model, model.config, folder, bos_id=ids.get("bos"), eos_id=ids.get("eos"),
+                              pad_id=ids.get("pad"))
+            if loaded.tokenizer is not None:
+                _save_fast_tokenizer(loaded.tokenizer, folder, ids)
+        else:
+            _export_hf_bert(loaded, model, folder)
+    return root
+
+
+def is_export_folder(folder: Path) -> bool:
+    """A folder an export wrote (model.json or a Hugging Face config.json; no run's checkpoints or metrics),
+    which --overwrite may replace."""
+    made = (folder / "model.json").is_file() or (folder / "config.json").is_file()
+    return made and not (folder / "checkpoints").exists() and not (folder / "metrics.jsonl").exists()
+
+
+def _export_hf_bert(loaded: LoadedRun, model: nn.Module, folder: Path) -> None:
     save_hf_bert(model, folder, loaded.tokenizer)
     if isinstance(model, SequenceClassifier):
         save_weights(folder / "head.safetensors", {k: v for k, v in model.head.state_dict().items()},
@@ -91,7 +106,6 @@ def export(run: str | Path, format: str = "hf", out: str | Path | None = None, o
         head = {"pooling": model.pooling, "pad_id": model.pad_id, "target": info.target, "classes": info.classes,
                 "formula": "logits = head.weight @ pool(last_hidden_state, attention_mask) + head.bias"}
         write_json(folder / "head.json", head)
-    return folder
 
 
 def _check_hf(model: nn.Module, arch: str, root: Path) -> None:
@@ -105,14 +119,13 @@ def _check_hf(model: nn.Module, arch: str, root: Path) -> None:
                             path=root)
 
 
-def _export_safetensors(loaded: LoadedRun, meta: dict, new: Run) -> Path:
+def _export_safetensors(loaded: LoadedRun, meta: dict, new: Run) -> None:
     run = loaded.run
     save_weights(new.weights, loaded.model.state_dict(), metadata={"format": "pt"})
     copy_file(run.config, new.config)
     if run.tokenizer.is_file():
         copy_file(run.tokenizer, new.tokenizer)
     write_model_json(new, meta)  # last: the export is complete
-    return new.root
 
 
 def _save_fast_tokenizer(tokenizer, folder: Path, ids: dict) -> None:

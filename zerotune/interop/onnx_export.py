@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,6 @@ from zerotune.models.bert import BERT, BERTMaskedLM
 from zerotune.models.gpt import GPT
 from zerotune.models.heads import SequenceClassifier
 from zerotune.models.rnn import RNNClassifier
-from zerotune.run import create_run
 
 OPSET = 18
 EXTERNAL_DATA_BYTES = 1 << 30  # protobuf files stop at 2 GiB: larger weights go to model.onnx.data
@@ -95,12 +93,11 @@ class Decoder(nn.Module):
         return self.model(input_ids)
 
 
-def export_onnx(loaded: LoadedRun, model: nn.Module, out: Path, overwrite: bool, merged_from: str | None) -> Path:
+def export_onnx(loaded: LoadedRun, model: nn.Module, folder: Path, merged_from: str | None) -> Path:
     """Write ``model`` (LoRA already merged: ``merged_from`` names the method) of ``loaded`` as an
-    ONNX folder; see the module docstring."""
+    ONNX folder into the empty ``folder``; see the module docstring."""
     require_onnx()
     wrapper, example, inputs, outputs = _graph_for(loaded, model)
-    folder = create_run(out, overwrite).root
     names = [i["name"] for i in inputs]
     seq_max = _max_length(model) if loaded.info.kind == "tokens" else None
     axes = {"batch": torch.export.Dim("batch"), "seq": torch.export.Dim("seq", max=seq_max)}
@@ -112,7 +109,6 @@ def export_onnx(loaded: LoadedRun, model: nn.Module, out: Path, overwrite: bool,
                               input_names=names, output_names=[o["name"] for o in outputs], dynamic_shapes=dims,
                               external_data=params > EXTERNAL_DATA_BYTES, verbose=False)
     except Exception as e:  # the exporter's own errors are long reports: keep their first line
-        shutil.rmtree(folder)  # no half-written export left behind
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ZerotuneError(f"--format onnx: torch.onnx could not export this model ({type(e).__name__}: "
                             f"{first})", path=loaded.run.root) from None

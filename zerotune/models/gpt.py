@@ -121,6 +121,12 @@ class GPTConfig(BaseModel):
         missing = [k for k in ROPE_SCALING_KEYS[kind] if k not in v]
         if missing:
             raise ValueError(f"{kind} needs {', '.join(missing)}")
+        for k in ROPE_SCALING_KEYS[kind]:
+            value = v[k]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{k} must be a finite number > 0, got {value!r}")
+        if kind == "llama3" and not v["high_freq_factor"] > v["low_freq_factor"]:
+            raise ValueError("high_freq_factor must be larger than low_freq_factor")
         v["rope_type"] = kind
         return v
 

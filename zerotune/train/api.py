@@ -8,12 +8,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from zerotune.config import Config, load_config
+from zerotune.data.lazy import available_memory
 from zerotune.errors import ZerotuneError
 from zerotune.models import build_model
 from zerotune.train.parallel import Parallel
 from zerotune.train.runner import Setup, default_out, is_finetuning, open_to_resume, resume_run, run_training
 from zerotune.train.tasks import make_task, resolve_vocab
+
+
+def check_fits(cfg: Config, info, device: torch.device) -> None:
+    """Refuse a model whose weights, gradients and AdamW moments (4 fp32 copies) cannot fit in the
+    memory of ``device``, before any is allocated: the model is built on the meta device to count."""
+    with torch.device("meta"):
+        n = sum(p.numel() for p in build_model(cfg.model, info).parameters())
+    need = 16 * n
+    have = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else available_memory()
+    if need > have:
+        raise ZerotuneError(f"model: {n:,} parameters need about {need / 2**30:,.1f} GiB for weights, gradients and "
+                            f"optimizer state, more than the {have / 2**30:,.1f} GiB this {device.type} has; make it "
+                            "smaller")
 
 
 def build_from_scratch(cfg: Config, par: Parallel, root: Path, resuming: bool) -> Setup:
@@ -23,6 +39,7 @@ def build_from_scratch(cfg: Config, par: Parallel, root: Path, resuming: bool) -
     device = par.device
     task = make_task(cfg, device)  # validates the data before any folder is touched
     cfg = resolve_vocab(cfg, task.info)
+    check_fits(cfg, task.info, device)
     model = build_model(cfg.model, task.info).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     return Setup(cfg, task, model, rebuild=lambda: build_model(cfg.model, task.info).to(device),

@@ -35,7 +35,7 @@ from zerotune.config import Config, EarlyStopping
 from zerotune.errors import Interrupted, RunFailed, ZerotuneError
 from zerotune.files import load_state_dict_checked, write_failed, write_text
 from zerotune.train import checkpoint as ckpt
-from zerotune.train.optim import make_optimizer, make_scheduler
+from zerotune.train.optim import make_optimizer, make_scheduler, set_hyperparameters
 from zerotune.train.parallel import Parallel
 from zerotune.train.tasks import Task
 
@@ -198,6 +198,39 @@ def grads_finite(params: list[nn.Parameter]) -> bool:
     return True
 
 
+# config sections a checkpoint cannot continue with once changed (other keys apply from the resumed step on)
+FIXED = {"task": (), "model": ("dropout", "attention_dropout"), "finetune": ()}
+
+
+def check_resumable(saved: dict[str, Any] | None, cfg: Config, checkpoint: Path) -> None:
+    """Refuse to resume with a config the checkpoint cannot honour: another task, model shape or layout,
+    fine-tuning method or adapters, optimizer kind, or parameter groups (weight decay on or off).
+
+    Raises:
+        ZerotuneError: naming the first such key, its old and new values.
+    """
+    if saved is None:  # written before checkpoints kept their config
+        return
+    now = cfg.to_dict()
+    changed = []
+    for section, free in FIXED.items():
+        old, new = saved.get(section), now.get(section)
+        if not isinstance(old, dict) or not isinstance(new, dict):
+            changed += [(section, old, new)] if old != new else []
+            continue
+        changed += [(f"{section}.{k}", old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+                    if k not in free and old.get(k) != new.get(k)]
+    old_optim, new_optim = saved.get("optim", {}), now["optim"]
+    if old_optim.get("name", new_optim["name"]) != new_optim["name"]:
+        changed.append(("optim.name", old_optim["name"], new_optim["name"]))
+    if (old_optim.get("weight_decay", 0) > 0) != (new_optim["weight_decay"] > 0):  # one parameter group or two
+        changed.append(("optim.weight_decay", old_optim.get("weight_decay"), new_optim["weight_decay"]))
+    if changed:
+        key, old, new = changed[0]
+        raise ZerotuneError(f"{key}: the run's config.yaml says {new!r}, but the checkpoint was trained with "
+                            f"{old!r}; put it back to resume, or start a new run", path=checkpoint)
+
+
 def train_loop(model: nn.Module, task: Task, cfg: Config, *, checkpoints: Path | None = None,
                metrics_path: Path | None = None, device: torch.device | None = None,
                resume: Path | None = None, log=print, par: Parallel | None = None,
@@ -217,17 +250,18 @@ def train_loop(model: nn.Module, task: Task, cfg: Config, *, checkpoints: Path |
     state = LoopState()
     if resume is not None:
         weights, saved = ckpt.load_checkpoint(resume, device)
+        check_resumable(saved.get("config"), cfg, resume)  # before anything in the run is touched
         load_state_dict_checked(model, weights, resume)  # into the plain model, before sharding
+        state = LoopState.from_saved(saved["loop"])
     model = par.wrap(model)
     optimizer = make_optimizer(model, cfg.optim, device)
-    scheduler = make_scheduler(optimizer, cfg.schedule, int(total))
     last_saved = None
     if resume is not None:
         par.load_optimizer_state(model, optimizer, saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state = LoopState.from_saved(saved["loop"])
+        set_hyperparameters(optimizer, cfg.optim)  # an edited optim section applies from here on
         par.set_rng_state(saved, log)  # each process's own when saved by as many
         last_saved = state.step
+    scheduler = make_scheduler(optimizer, cfg.schedule, int(total), start=state.step)
     forward = torch.compile(model) if t.compile else model
     watch = Watch.of(t.early_stopping)
     val = task.split("val")

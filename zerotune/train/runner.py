@@ -23,7 +23,9 @@ import torch
 from torch import nn
 
 from zerotune.config import Config, load_config
+from zerotune.data.base import spec_path
 from zerotune.data.tokenizer import save_tokenizer
+from zerotune.errors import ZerotuneError
 from zerotune.evaluate.report import write_training_report
 from zerotune.files import write_text
 from zerotune.run import Run, create_run, open_run, open_shared_run, read_model_json, save_model
@@ -62,7 +64,8 @@ def run_training(cfg: Config, build: Build, *, root: Path, overwrite: bool = Fal
         seed_everything(cfg.seed)
         setup = build(cfg, par, root, resuming)  # reads and checks the data
         if not resuming:
-            par.on_main(lambda: _new_run(root, overwrite, setup))  # the others wait, then open it
+            inputs = input_paths(cfg)  # as given: the data, the tokenizer, the SOURCE
+            par.on_main(lambda: _new_run(root, overwrite, setup, inputs))  # the others wait, then open it
         run = Run(root) if par.is_main else open_shared_run(root, par.rank)
         log(setup.headline)
         state = train_loop(setup.model, setup.task, setup.cfg, checkpoints=run.checkpoints,
@@ -87,6 +90,12 @@ def resume_run(run: Run, cfg: Config, build: Build, log=print) -> Path:
         main_only(log)(f"{run.root}: the run already finished; nothing to do")
         return run.root
     start = ckpt.latest_checkpoint(run.checkpoints)
+    if start is None and (ckpt.step_checkpoints(run.checkpoints) or (run.checkpoints / "best").is_dir()):
+        best = run.checkpoints / "best"
+        kept = ("; best/ verifies: copy it to checkpoints/step-NNNNNN (its step) to resume from it"
+                if best.is_dir() and ckpt.verify(best) is None else "")
+        raise ZerotuneError(f"every step checkpoint is damaged{kept}; nothing was changed (starting again at step 0 "
+                            "would replace metrics.jsonl)", path=run.checkpoints)
     main_only(log)(f"resuming {run.root} from {start.name}" if start
                    else f"{run.root}: no checkpoint yet; starting from step 0")
     return run_training(cfg, build, root=run.root, resuming=True, start=start, log=log)
@@ -103,8 +112,17 @@ def is_finetuning(cfg: Config) -> bool:
     return cfg.finetune is not None and cfg.finetune.source is not None
 
 
-def _new_run(root: Path, overwrite: bool, setup: Setup) -> None:
-    run = create_run(root, overwrite)
+def input_paths(cfg: Config) -> list[Path]:
+    """The files and folders a run reads, which its run folder may not be, hold or lie inside."""
+    paths = [spec_path(s) for s in (cfg.data.train, cfg.data.val, cfg.data.test)]
+    paths += [Path(cfg.data.tokenizer) if cfg.data.tokenizer else None]
+    if is_finetuning(cfg) and Path(cfg.finetune.source).exists():
+        paths.append(Path(cfg.finetune.source))
+    return [p for p in paths if p is not None]
+
+
+def _new_run(root: Path, overwrite: bool, setup: Setup, inputs: list[Path]) -> None:
+    run = create_run(root, overwrite, inputs)
     if setup.tokenizer is not None:
         save_tokenizer(setup.tokenizer, run.tokenizer)
     write_text(run.config, setup.cfg.to_yaml())
