@@ -127,3 +127,16 @@ def test_the_scan_finds_a_plain_write():
     assert WRITES.search('with open(path, "w") as f:')
     assert WRITES.search("tokenizer.save(str(folder / 'tokenizer.json'))")
     assert not WRITES.search("write_text(path, text)")
+
+
+@pytest.mark.parametrize("weight_map, message", [
+    ({"w": "../elsewhere.safetensors"}, "weight_map: expected an object of tensor names → file names in this folder"),
+    ({"w": 7}, "weight_map: expected an object"),
+    ({"w": "shard-2.safetensors"}, "shard-2.safetensors: shard listed in model.safetensors.index.json is missing"),
+])
+def test_a_hugging_face_index_names_files_in_its_folder(tmp_path, weight_map, message):
+    from zerotune.interop.hf_files import read_weights
+
+    files.write_json(tmp_path / "model.safetensors.index.json", {"weight_map": weight_map})
+    with pytest.raises(ZerotuneError, match=re.escape(message)):
+        read_weights(tmp_path)

@@ -91,6 +91,7 @@ CASES = [
     (["train", "{d}/c.yaml", "--set", "data.in_memory=maybe"], ["data.in_memory: expected one of 'auto', True or"]),
     (["train", "{d}/c.yaml", "--set", "data.num_workers=-1"], ["data.num_workers: input should be greater than or"]),
     (["train", "{d}/c.yaml", "--set", "seed=-1"], ["seed: input should be greater than or equal to 0"]),
+    (["train", "{d}/c.yaml", "--set", "train.device=mps"], ["train.device: mps was asked for but no Apple GPU"]),
     (["train", "{d}/c.yaml", "--set", "seed=123456789012345678901234"], ["seed: input should be less than 4294967296"]),
     (["train", "{d}/c.yaml", "--set", "optim.betas=[0.9,1.5]"], ["optim.betas: each beta must be in [0, 1)"]),
     (["train", "{d}/c.yaml", "--set", "optim.betas=[.nan,0.9]"], ["optim.betas: each beta must be in [0, 1)"]),

@@ -49,6 +49,9 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ZerotuneError("train.device: cuda was asked for but no CUDA device is available")
+    mps = getattr(torch.backends, "mps", None)
+    if name == "mps" and not (mps is not None and mps.is_available()):
+        raise ZerotuneError("train.device: mps was asked for but no Apple GPU (MPS) is available")
     return torch.device(name)
 
 
