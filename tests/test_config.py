@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from zerotune.config import Config, load_config, parse_overrides
@@ -69,3 +71,15 @@ def test_round_trip_through_yaml(tmp_path):
 def test_rope_scaling_values_are_bounded(scaling, message):
     with pytest.raises(ZerotuneError, match=f"model.rope_scaling: {message}"):
         load_config({"model": {"arch": "gpt", "pos": "rope", "norm": "rmsnorm", "rope_scaling": scaling}})
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.hiden=[3]", "model.hiden: unknown key; did you mean 'hidden'?"),
+    ("train.epoch=3", "train.epoch: unknown key; did you mean 'epochs'?"),
+    ("dta.train=x", "dta: unknown key; did you mean 'data'?"),
+    ("train.early_stopping.patiense=3", "train.early_stopping.patiense: unknown key; did you mean 'patience'?"),
+    ("train.zzz=1", "train.zzz: unknown key"),
+])
+def test_an_unknown_key_suggests_the_closest_one(override, message):
+    with pytest.raises(ZerotuneError, match=f"^config: {re.escape(message)}$"):
+        load_config({}, [override])

@@ -12,10 +12,15 @@ Every command-line verb is a function here::
     history = zerotune.fit(model, train=(x, y), val=(xv, yv), optimizer="adam", epochs=5)  # Keras-style
 
     model, tokenizer = zerotune.load("minilm")      # a run folder, a Hugging Face folder or minilm
+    zerotune.inspect("configs/digits_mlp.yaml")     # layer table, parameters, FLOPs, memory (a dict)
+    zerotune.train_tokenizer("builtin:pydoc", 2048, "runs/tok")            # -> runs/tok/tokenizer.json
+    zerotune.prepare("builtin:pydoc", "runs/tok", "runs/pydoc-shards")     # token shards; the counts
+    zerotune.demo()                                  # the offline tour into runs/demo/
 
 The verbs are imported on first use (``import zerotune`` itself loads nothing heavy). The names
-``train``, ``finetune``, ``evaluate``, ``generate`` and ``load`` stay bound to the verbs even once
-the modules of the same name are imported: reach those as ``from zerotune.train import loop``.
+``train``, ``finetune``, ``evaluate``, ``generate``, ``inspect``, ``load`` and ``demo`` stay bound to
+the verbs even once the modules of the same name are imported: reach those as
+``from zerotune.train import loop``.
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ VERBS = {
     "quantize": ("zerotune.compress.api", "quantize"),
     "load": ("zerotune.load", "load"),
     "fit": ("zerotune.train.fit", "fit"),
+    "inspect": ("zerotune.inspect", "inspect"),
+    "train_tokenizer": ("zerotune.data.tokenizer", "train_tokenizer"),
+    "prepare": ("zerotune.data.shards", "prepare"),
+    "demo": ("zerotune.demo", "demo"),
     "load_config": ("zerotune.config", "load_config"),
 }
 

@@ -98,7 +98,7 @@ def _finetune(a: argparse.Namespace) -> int:
                                 "do not pass CONFIG, --from or --set")
         finetune(resume=a.resume)
         return 0
-    if not a.config or not a.source:
+    if not a.config:
         raise ZerotuneError("zerotune finetune: give a CONFIG file and --from SOURCE, or --resume RUN")
     run = finetune(a.config, a.source, method=a.method, out=a.out, overwrite=a.overwrite, overrides=a.set)
     if env_rank() == 0:
@@ -169,6 +169,9 @@ def _download(a: argparse.Namespace) -> int:
 def _tokenizer_train(a: argparse.Namespace) -> int:
     from zerotune.data.tokenizer import train_tokenizer
 
+    if a.vocab_size is None and a.kind != "char":
+        raise ZerotuneError(f"--vocab-size: required for a {a.kind} tokenizer (only --kind char takes the corpus's "
+                            "alphabet)")
     path = train_tokenizer(a.input, a.vocab_size, a.out, kind=a.kind, text_field=a.text_field, overwrite=a.overwrite)
     print(f"tokenizer: {path}")
     return 0
@@ -209,7 +212,7 @@ def _generate(a: argparse.Namespace) -> int:
 def _inspect(a: argparse.Namespace) -> int:
     from zerotune.inspect import inspect_target
 
-    print(inspect_target(a.target, overrides=a.set, batch_size=a.batch_size, as_json=a.json))
+    print(inspect_target(a.target, overrides=a.set, batch_size=a.batch_size, as_json=a.json, source=a.source))
     return 0
 
 
@@ -339,6 +342,8 @@ def build_parser() -> Parser:
     s = sub.add_parser("inspect", help="parameters, FLOPs, layer table and memory of a config or run",
                        description="Example: zerotune inspect configs/gpt2_124m.yaml --batch-size 8")
     s.add_argument("target", help="a YAML config or a run folder")
+    s.add_argument("--from", dest="source", metavar="SOURCE", help="a fine-tuning recipe's model to adapt (default: "
+                   "its finetune.source)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     s.add_argument("--batch-size", type=whole(1, 2**31), default=None,
                    help="for the memory estimate (default train.batch_size)")
@@ -361,7 +366,8 @@ def build_parser() -> Parser:
                         "--out runs/tok")
     t.add_argument("--input", required=True, metavar="SPEC",
                    help="text:FILE|DIR, jsonl:FILE, builtin:pydoc or builtin:stdlib")
-    t.add_argument("--vocab-size", type=whole(1, 2**24), required=True)
+    t.add_argument("--vocab-size", type=whole(1, 2**24), help="tokens in all, special ones included (required "
+                   "but for --kind char, which keeps the corpus's alphabet)")
     t.add_argument("--kind", default="bytelevel-bpe", choices=["bytelevel-bpe", "bpe", "wordpiece", "char"])
     t.add_argument("--out", required=True, metavar="DIR")
     t.add_argument("--text-field", default="text", help="JSONL field holding the text")

@@ -17,6 +17,8 @@ overrides are parsed as YAML scalars and validated like the file. Every problem 
 
 from __future__ import annotations
 
+import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -156,7 +158,7 @@ class LoRAConfig(Strict):
 class FinetuneConfig(Strict):
     """How ``zerotune finetune`` adapts the model it starts from (``--from SOURCE``)."""
 
-    source: str | None = None  # the SOURCE (filled in by the verb, so that --resume finds it again)
+    source: str | None = None  # the model to adapt when --from is not given; the verb records it for --resume
     method: Literal["full", "freeze", "lora", "qlora"] = "full"
     freeze: list[str] = []  # "freeze": parameter-name globs to freeze, e.g. ["body.embeddings.*"]
     train_last: int | None = Field(None, ge=0)  # "freeze": train only the last k blocks (and the head)
@@ -317,12 +319,27 @@ _EXPECTED = {
 }
 
 
+def _keys_beside(loc: tuple) -> list[str]:
+    """The keys a config allows next to the one at ``loc`` (for "did you mean"), [] where unknown."""
+    node: Any = Config
+    for part in loc[:-1]:
+        if isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields:
+            node = node.model_fields[part].annotation
+            node = next((a for a in typing.get_args(node) if isinstance(a, type) and issubclass(a, BaseModel)), node)
+        elif part in ARCHS:  # the tag pydantic puts in a model.arch union
+            node = ARCHS[part][0]
+        elif not isinstance(part, int):
+            return []
+    return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
+
+
 def describe_error(err: dict) -> str:
     """One pydantic error → ``key: problem``."""
     where = _loc(err["loc"])
     kind, value = err["type"], err.get("input")
     if kind == "extra_forbidden":
-        return f"{where}: unknown key"
+        close = difflib.get_close_matches(str(err["loc"][-1]), _keys_beside(err["loc"]), n=1, cutoff=0.6)
+        return f"{where}: unknown key" + (f"; did you mean {close[0]!r}?" if close else "")
     if kind == "missing":
         return f"{where}: required key is missing"
     if kind == "union_tag_invalid":

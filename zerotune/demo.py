@@ -50,7 +50,12 @@ def classic_configs(quick: bool) -> dict[str, dict]:
 
 
 def demo(out: str | Path = "runs/demo", quick: bool = False, log=print) -> dict[str, dict]:
-    """Run the tour into ``out`` (replacing earlier demo runs there); return each run's test metrics."""
+    """Run the tour into ``out`` (replacing earlier demo runs there); return each run's test metrics.
+
+    Example:
+        >>> results = zerotune.demo(quick=True)
+        >>> results["digits_mlp"]["accuracy"]
+    """
     out = Path(out)
     if out.exists():
         if not (out / ".zerotune-demo").exists():

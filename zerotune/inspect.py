@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,14 +25,17 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils.flop_counter import FlopCounterMode
 
-from zerotune.config import load_config
+from zerotune.config import FinetuneConfig, load_config
 from zerotune.data.shards import ShardDataset
 from zerotune.data.sources import load_source
+from zerotune.data.tokenizer import load_tokenizer
 from zerotune.errors import ZerotuneError
-from zerotune.load import load_run
+from zerotune.finetune.api import build_finetuned
+from zerotune.load import load_run, source_name
 from zerotune.models import build_model
 from zerotune.models.gpt import flops_per_token, kv_cache_bytes_per_token, memory_estimate, num_params
 from zerotune.spec import DataInfo
+from zerotune.train.parallel import Parallel
 from zerotune.train.tasks import resolve_vocab
 
 aten = torch.ops.aten
@@ -237,20 +241,42 @@ def format_report(report: InspectReport) -> str:
     return "\n".join(lines)
 
 
-def _info_for(cfg) -> DataInfo:
-    """The data description a config's model is built for, reading as little data as possible."""
-    if cfg.task == "causal_lm":
-        kind, _, folder = cfg.data.train.partition(":")
-        vocab = getattr(cfg.model, "vocab_size", None)
-        if kind == "shards" and vocab is None:
-            vocab = ShardDataset(folder, "train").vocab_size
+# what idx: and cifar: folders hold, for a recipe inspected before its data is downloaded
+STANDARD = {"idx": DataInfo("image", [1, 28, 28], classes=[str(i) for i in range(10)]),
+            "cifar": DataInfo("image", [3, 32, 32], classes=[str(i) for i in range(10)])}
+ASSUMED_VOCAB = 2048  # counted with, and said so, when a language model's vocabulary is not known yet
+
+
+def _info_for(cfg) -> tuple[DataInfo, list[str]]:
+    """The data description a config's model is built for, reading as little data as possible, and notes
+    on what had to be assumed because the data is not there yet."""
+    kind, _, arg = cfg.data.train.partition(":")
+    if cfg.task in ("causal_lm", "masked_lm", "sft"):
+        vocab, notes = getattr(cfg.model, "vocab_size", None), []
+        if vocab is None and kind == "shards" and (Path(arg) / "index.json").is_file():
+            vocab = ShardDataset(arg, "train").vocab_size
+        if vocab is None and cfg.data.tokenizer and Path(cfg.data.tokenizer).exists():
+            vocab = load_tokenizer(cfg.data.tokenizer).get_vocab_size()
         if vocab is None:
-            raise ZerotuneError("model.vocab_size: unknown until the shards exist; prepare them or set it")
-        return DataInfo("tokens", [cfg.model.block_size], target="causal_lm", vocab_size=vocab)
-    info = load_source(cfg.data.train, cfg.data).info
+            vocab = ASSUMED_VOCAB
+            missing = cfg.data.tokenizer if cfg.task == "sft" else cfg.data.train
+            notes.append(f"note: {missing} is not there yet, so the vocabulary is unknown: counted with "
+                         f"vocab_size {ASSUMED_VOCAB:,} (prepare the data, or set model.vocab_size, for the real "
+                         "count)")
+        if cfg.task == "masked_lm":
+            return DataInfo("tokens", [min(cfg.data.max_length, cfg.model.max_position)], target="masked_lm",
+                            vocab_size=vocab), notes
+        return DataInfo("tokens", [cfg.model.block_size], target="causal_lm", vocab_size=vocab), notes
+    try:
+        info = load_source(cfg.data.train, cfg.data).info
+    except ZerotuneError:
+        if kind not in STANDARD or Path(arg).exists():
+            raise
+        info = DataInfo(**STANDARD[kind].to_dict())
+        return info, [f"note: {arg} is not there yet: inspected for the standard {kind} shape {info.input_shape}"]
     if cfg.task == "regression":
         info.target, info.classes = "regression", []
-    return info
+    return info, []
 
 
 def gpt_lines(cfg, batch: int, precision: str) -> list[str]:
@@ -269,19 +295,58 @@ def gpt_lines(cfg, batch: int, precision: str) -> list[str]:
     ]
 
 
+def inspect(target: str | Path, overrides: list[str] | None = None, batch_size: int | None = None,
+            source: str | None = None) -> dict:
+    """``zerotune.inspect``: what a config or a run folder builds, as a dict.
+
+    Keys: ``rows`` (the layer table: name, type, output_shape, params, flops), ``total_params``,
+    ``trainable_params``, ``flops_per_sample``, ``param_bytes``, ``buffer_bytes``, ``train_state_bytes``,
+    ``input_shape``, ``input_dtype``, ``estimates`` (for a GPT: FLOPs per token, KV cache, memory) and
+    ``notes`` (what was assumed because the data is not there yet). A fine-tuning recipe is inspected
+    as the model it trains (``source``, else its ``finetune.source``).
+
+    Example:
+        >>> zerotune.inspect("configs/digits_mlp.yaml")["total_params"]
+        17226
+    """
+    report, extra, notes = _inspected(str(target), overrides, batch_size, source)
+    return report.to_dict() | {"estimates": extra, "notes": notes}
+
+
 def inspect_target(target: str, overrides: list[str] | None = None, batch_size: int | None = None,
-                   as_json: bool = False) -> str:
+                   as_json: bool = False, source: str | None = None) -> str:
     """``zerotune inspect CONFIG|RUN``: the layer table, parameter count, FLOPs and memory as text (or JSON)."""
+    if as_json:
+        return json.dumps(inspect(target, overrides, batch_size, source))
+    report, extra, notes = _inspected(target, overrides, batch_size, source)
+    return "\n".join([*notes, format_report(report), *extra])
+
+
+def _inspected(target: str, overrides: list[str] | None, batch_size: int | None,
+               source: str | None) -> tuple[InspectReport, list[str], list[str]]:
+    """The report, the GPT estimates and the notes for :func:`inspect`.
+
+    A fine-tuning recipe (a ``finetune`` section) is inspected as the model it trains: ``source`` (else the
+    recipe's ``finetune.source``) with the task's head and the method's trainable parameters.
+    """
     path = Path(target)
+    notes: list[str] = []
     if path.is_dir():
         loaded = load_run(path)
         cfg = load_config(loaded.run.config)
         model, info = loaded.model, loaded.info
     else:
         cfg = load_config(path, overrides)
-        info = _info_for(cfg)
-        cfg = resolve_vocab(cfg, info)
-        model = build_model(cfg.model, info)
+        source = source or (cfg.finetune.source if cfg.finetune is not None else None)
+        if source is not None:
+            model, cfg, info = _finetuned(cfg, source)
+        elif cfg.finetune is not None:
+            raise ZerotuneError("--from: a fine-tuning recipe is the model it adapts; give it (a run folder, a "
+                                "Hugging Face folder or minilm)", path=path)
+        else:
+            info, notes = _info_for(cfg)
+            cfg = resolve_vocab(cfg, info)
+            model = build_model(cfg.model, info)
     if info.kind == "tokens" and cfg.model.arch == "gpt":
         info = DataInfo(info.kind, [min(info.input_shape[0], 64)], info.target, info.classes, info.vocab_size,
                         info.pad_id)  # a short sequence is enough for the per-layer table
@@ -289,6 +354,14 @@ def inspect_target(target: str, overrides: list[str] | None = None, batch_size: 
     batch = batch_size or cfg.train.batch_size
     precision = "bf16" if cfg.train.precision == "bf16" else "fp32"
     extra = gpt_lines(cfg.model, batch, precision) if cfg.model.arch == "gpt" else []
-    if as_json:
-        return json.dumps(report.to_dict() | {"estimates": extra})
-    return "\n".join([format_report(report), *extra])
+    return report, extra, notes
+
+
+def _finetuned(cfg, source: str):
+    """The model, config and data description ``zerotune finetune`` would train (its own recipe, so both
+    agree; nothing is written)."""
+    ft = (cfg.finetune or FinetuneConfig()).model_copy(update={"source": source_name(source)})
+    cfg = cfg.model_copy(update={"finetune": ft})
+    with tempfile.TemporaryDirectory() as tmp:
+        setup = build_finetuned(cfg, Parallel(), Path(tmp) / "run", False)
+    return setup.model, setup.cfg, setup.task.info

@@ -237,3 +237,12 @@ def test_train_errors(tmp_path):
     bad.write_text('{"text": "fine"}\n{"txt": "typo"}\n', encoding="utf-8")
     with pytest.raises(ZerotuneError, match=r"bad\.jsonl: line 2: no field 'text'"):
         train_tokenizer(f"jsonl:{bad}", 300, tmp_path / "y", progress=False)
+
+
+def test_a_char_tokenizer_needs_no_vocab_size(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("abcabc xyz\n")
+    tok = load_tokenizer(train_tokenizer(f"text:{corpus}", None, tmp_path / "t", kind="char", progress=False))
+    assert tok.get_vocab_size() == 9 + len(set("abcabc xyz\n"))  # the special tokens, then every character
+    with pytest.raises(ZerotuneError, match="vocab_size: required for a bpe tokenizer"):
+        train_tokenizer(f"text:{corpus}", None, tmp_path / "t2", kind="bpe", progress=False)

@@ -382,3 +382,23 @@ def test_gpt_sequence_classifier_pools_last_token(gpt_source, tmp_path):
 
     with pytest.raises(ZerotuneError, match="--format hf: a GPT sequence classifier has no Hugging Face"):
         export(run, "hf", tmp_path / "hf")
+
+
+def test_an_sft_run_exported_to_hugging_face_carries_its_chat_template(gpt_source, tmp_path):
+    """transformers' apply_chat_template on the export gives the ids zerotune's template gives."""
+    transformers = pytest.importorskip("transformers")
+    from zerotune.data.chat import chat_prompt_ids, load_chat_template
+    from zerotune.data.tokenizer import load_tokenizer
+
+    folder, _ = gpt_source
+    cfg = sft_config(tmp_path)
+    cfg["train"] |= {"max_steps": 1}
+    cfg["sft"] = {"template": {"default_system": "be brief"}}
+    run = finetune(cfg, folder, method="lora", out=tmp_path / "sft", log=lambda *_: None)
+    out = zerotune.export(run, "hf", tmp_path / "hf")
+    hf = transformers.AutoTokenizer.from_pretrained(str(out))
+    chat = [{"role": "user", "content": "name cat"}, {"role": "assistant", "content": "the cat"},
+            {"role": "user", "content": "name dog"}]
+    ids = hf.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert ids == chat_prompt_ids(chat, load_tokenizer(run / "tokenizer.json"), load_chat_template(run))
+    assert hf.eos_token == "<|end|>"

@@ -26,8 +26,8 @@ def stop_with(sig: signal.Signals, proc, run, at_step: int, log) -> int:
     assert code == 128 + sig, (code, log.with_name(log.name + ".err").read_text())
     err = log.with_name(log.name + ".err").read_text().strip().splitlines()
     assert len(err) == 1, err
-    found = re.fullmatch(r"error: stopped by signal at step (\d+); checkpoint saved, continue with: "
-                         r"zerotune train --resume RUN", err[0])
+    found = re.fullmatch(r"error: stopped by signal at step (\d+); checkpoint saved; continue with: "
+                         r"zerotune train --resume " + re.escape(str(run)), err[0])
     assert found, err[0]
     step = int(found.group(1))
     assert step >= at_step

@@ -113,3 +113,16 @@ def test_out_of_memory_is_a_run_failure_with_advice(tmp_path, monkeypatch):
     with pytest.raises(RunFailed, match="step 0: out of memory on cpu; lower train.batch_size") as e:
         train(tiny_config(), out=tmp_path / "r", log=lambda *a: None)
     assert e.value.exit_code == 1
+
+
+def test_without_a_terminal_progress_is_plain_lines(tmp_path, monkeypatch, capsys):
+    """A log file gets whole lines (step, rate, ETA, the latest numbers), never carriage-return updates."""
+    from zerotune.train.loop import Progress
+
+    monkeypatch.setattr(Progress, "every", 0.0)
+    lines: list[str] = []
+    train(tiny_config(epochs=None, max_steps=3, log_every=1, progress=True), out=tmp_path / "r", log=lines.append)
+    steps = [ln for ln in lines if ln.startswith("step ")]
+    assert [ln.split(" · ")[0] for ln in steps] == ["step 1/3", "step 2/3", "step 3/3"]
+    assert "loss" in steps[-1] and "steps/s" in steps[-1] and "ETA" in steps[-1]
+    assert "\r" not in capsys.readouterr().err

@@ -36,6 +36,7 @@ real positions before it).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,20 @@ def load_chat_template(path: str | Path) -> ChatTemplate:
         return ChatTemplate.model_validate(read_json_object(path))
     except ValidationError as e:
         raise ZerotuneError(describe_error(e.errors()[0]), path=path) from None
+
+
+def jinja_template(template: ChatTemplate) -> str:
+    """The template as a Hugging Face ``chat_template`` (Jinja), for ``tokenizer_config.json``: with it,
+    ``transformers``' ``apply_chat_template`` renders a chat as :func:`encode_chat` encodes it."""
+    q = json.dumps  # a JSON string is a Jinja string literal
+    system = (f"{{%- if messages|length == 0 or messages[0]['role'] != 'system' -%}}"
+              f"{{{{ {q(template.system + template.default_system + template.end)} }}}}{{%- endif -%}}"
+              if template.default_system is not None else "")
+    markers = ", ".join(f"{q(role)}: {q(template.marker(role))}" for role in ROLES)
+    return (f"{{%- set markers = {{{markers}}} -%}}{system}"
+            f"{{%- for message in messages -%}}{{{{ markers[message['role']] + message['content'] + "
+            f"{q(template.end)} }}}}{{%- endfor -%}}"
+            f"{{%- if add_generation_prompt -%}}{{{{ {q(template.assistant)} }}}}{{%- endif -%}}")
 
 
 # ---------------------------------------------------------------- messages ↔ token ids

@@ -153,6 +153,9 @@ def prepare(
 
     Raises:
         ZerotuneError: bad arguments, tokenizer or corpus; an existing shard folder.
+
+    Example:
+        >>> zerotune.prepare("builtin:pydoc", "runs/tok", "runs/pydoc-shards", val_fraction=0.05)["train_tokens"]
     """
     if not 0 <= val_fraction < 1:
         raise ZerotuneError(f"val_fraction must be in [0, 1), got {val_fraction}")

@@ -35,6 +35,7 @@ from zerotune.files import atomic_write, check_output_file
 SPECIAL_TOKENS = ["<|pad|>", "<|unk|>", "<|bos|>", "<|eos|>", "<|mask|>"]
 CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 KINDS = ("bytelevel-bpe", "bpe", "wordpiece", "char")
+CHAR_LIMIT = 2**24  # a char tokenizer without vocab_size keeps every distinct character, up to this many
 UNK = "<|unk|>"
 
 # Names under which other tokenizers (GPT-2, Llama, BERT, RoBERTa, Gemma, ...) keep the same roles.
@@ -89,7 +90,7 @@ def _new_tokenizer(kind: str, vocab_size: int, min_frequency: int, progress: boo
 
 def train_tokenizer(
     input_spec: str,
-    vocab_size: int,
+    vocab_size: int | None,
     out_dir: str | Path,
     kind: str = "bytelevel-bpe",
     text_field: str = "text",
@@ -102,7 +103,8 @@ def train_tokenizer(
 
     Args:
         input_spec: a text spec (``text:DIR``, ``jsonl:FILE``, ``builtin:pydoc`` ...).
-        vocab_size: the size of the vocabulary, special tokens included.
+        vocab_size: the size of the vocabulary, special tokens included; None (``char`` only) keeps every
+            distinct character of the corpus.
         out_dir: folder to write ``tokenizer.json`` into (created if needed).
         kind: ``bytelevel-bpe``, ``bpe``, ``wordpiece`` or ``char`` (see the module docstring).
         text_field: the text field of ``jsonl`` records.
@@ -116,11 +118,18 @@ def train_tokenizer(
 
     Raises:
         ZerotuneError: bad kind or vocab size, unreadable or empty corpus, existing output.
+
+    Example:
+        >>> zerotune.train_tokenizer("builtin:pydoc", 2048, "runs/tok")   # -> runs/tok/tokenizer.json
     """
     if kind not in KINDS:
         raise ZerotuneError(f"unknown tokenizer kind {kind!r}; choose from {', '.join(KINDS)}")
     n_special = len(SPECIAL_TOKENS) + len(CHAT_TOKENS)
     smallest = n_special + (256 if kind == "bytelevel-bpe" else 1)
+    if vocab_size is None and kind == "char":
+        vocab_size = CHAR_LIMIT  # the alphabet decides
+    if vocab_size is None:
+        raise ZerotuneError(f"vocab_size: required for a {kind} tokenizer (only char takes the corpus's alphabet)")
     if not isinstance(vocab_size, int) or vocab_size < smallest:
         raise ZerotuneError(
             f"vocab_size {vocab_size} is too small for a {kind} tokenizer: it needs at least {smallest} "

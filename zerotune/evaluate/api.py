@@ -78,6 +78,10 @@ def evaluate(run: str | Path, data: str | None = None, split: str = "test", plot
     Classification: loss, accuracy, precision, recall, f1 (macro), top-5 accuracy, AUROC, per-class
     scores and the confusion matrix. Regression: loss, mse, mae, r2. Language models: loss and
     perplexity on the val split of their shards. Always ``split`` and ``n``.
+
+    Example:
+        >>> zerotune.evaluate("runs/digits_mlp")["accuracy"]
+        >>> zerotune.evaluate("runs/digits_mlp", data="csv:new.csv")   # other data, the run's normalisation
     """
     if split not in SPLITS:
         raise ZerotuneError(f"--split: expected test, val or train, got {split!r}")
@@ -162,6 +166,9 @@ def predict(run: str | Path, input: str, output: str | Path | None = None, overw
     Classification rows: index, predicted label, its probability. Regression: index, value.
     ``output`` (default ``RUN/predictions.csv``) may not be one of the run's files or the input; an
     existing one is replaced only with ``overwrite``.
+
+    Example:
+        >>> zerotune.predict("runs/digits_mlp", "new.csv", "preds.csv")   # -> Path("preds.csv")
     """
     source = open_run(run)
     spec = input if ":" in input.split("/")[0] else _spec_for_path(input)

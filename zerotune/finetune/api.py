@@ -100,7 +100,8 @@ def finetune(config: str | Path | dict | Config | None = None, source: str | Pat
 
     Args:
         config: the config (a YAML path, a mapping or a Config); ignored with ``resume``.
-        source: a zerotune run folder, a Hugging Face model folder or ``minilm``.
+        source: a zerotune run folder, a Hugging Face model folder or ``minilm``; default the config's
+            ``finetune.source``.
         method: ``full``, ``freeze``, ``lora`` or ``qlora``; default ``finetune.method`` (else ``full``).
         out: the run folder (default ``runs/<config name>``); an existing one needs ``overwrite``.
         resume: a fine-tuning run folder to continue (its config.yaml holds the config and SOURCE).
@@ -118,9 +119,10 @@ def finetune(config: str | Path | dict | Config | None = None, source: str | Pat
             raise ZerotuneError("not a fine-tuning run (finetune.source is missing from config.yaml); "
                                 "continue it with: zerotune train --resume", path=run.config)
         return resume_run(run, cfg, build_finetuned, log)
+    cfg = load_config(config, overrides)
+    source = source or (cfg.finetune.source if cfg.finetune is not None else None)  # the recipe may name it
     if source is None:
         raise ZerotuneError("--from: give the model to fine-tune (a run folder, a Hugging Face folder or minilm)")
-    cfg = load_config(config, overrides)
     ft = (cfg.finetune or FinetuneConfig()).model_copy(update={"source": source_name(source)})
     if method is not None:
         if method not in METHODS:

@@ -27,6 +27,8 @@ from pathlib import Path
 
 from torch import nn
 
+from zerotune.config import ChatTemplate
+from zerotune.data.chat import jinja_template, load_chat_template
 from zerotune.data.tokenizer import save_tokenizer, special_ids
 from zerotune.errors import ZerotuneError
 from zerotune.files import check_output, copy_file, save_weights, staged_folder, write_json
@@ -84,7 +86,8 @@ def export(run: str | Path, format: str = "hf", out: str | Path | None = None, o
             export_hf_decoder(model, model.config, folder, bos_id=ids.get("bos"), eos_id=ids.get("eos"),
                               pad_id=ids.get("pad"))
             if loaded.tokenizer is not None:
-                _save_fast_tokenizer(loaded.tokenizer, folder, ids)
+                chat = load_chat_template(source.chat_template) if source.chat_template.is_file() else None
+                _save_fast_tokenizer(loaded.tokenizer, folder, ids, chat)
         else:
             _export_hf_bert(loaded, model, folder)
     return root
@@ -128,13 +131,17 @@ def _export_safetensors(loaded: LoadedRun, meta: dict, new: Run) -> None:
     write_model_json(new, meta)  # last: the export is complete
 
 
-def _save_fast_tokenizer(tokenizer, folder: Path, ids: dict) -> None:
-    """tokenizer.json plus the tokenizer_config.json that lets ``AutoTokenizer`` load it as a fast tokenizer."""
+def _save_fast_tokenizer(tokenizer, folder: Path, ids: dict, template: ChatTemplate | None) -> None:
+    """tokenizer.json plus the tokenizer_config.json that lets ``AutoTokenizer`` load it as a fast tokenizer
+    (with an instruction-tuned run's chat template, which ``apply_chat_template`` then uses)."""
     save_tokenizer(tokenizer, folder / "tokenizer.json")
     config = {"tokenizer_class": "PreTrainedTokenizerFast"}
     for key in ("bos", "eos", "pad", "unk"):
         if ids.get(key) is not None:
             config[f"{key}_token"] = tokenizer.id_to_token(ids[key])
+    if template is not None:
+        config["chat_template"] = jinja_template(template)
+        config["eos_token"] = template.end  # generation ends a turn there
     write_json(folder / "tokenizer_config.json", config, indent=2)
 
 

@@ -19,6 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from zerotune.errors import ZerotuneError
 from zerotune.models.init import check_scheme, init_weights
 from zerotune.spec import DataInfo
 
@@ -85,6 +86,9 @@ class MLP(nn.Module):
 
 
 def build(cfg: MLPConfig, info: DataInfo) -> MLP:
+    if info.kind == "tokens":
+        raise ZerotuneError("model.arch: an mlp reads numbers, not token ids; text needs rnn, bert or gpt (or "
+                            "`zerotune finetune --from minilm`)")
     model = MLP(math.prod(info.input_shape), info.n_outputs, cfg.hidden, cfg.activation, cfg.dropout, cfg.norm)
     init_weights(model, cfg.init)
     return model

@@ -22,6 +22,7 @@ import json
 import math
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,47 @@ class Watch:
         if best is None:
             return True
         return value < best - self.min_delta if self.mode == "min" else value > best + self.min_delta
+
+
+class Progress:
+    """How far the run is: a tqdm bar on a terminal; elsewhere (a log file, CI) one plain line every
+    ``every`` seconds, so a redirected log holds no carriage-return updates."""
+
+    SHOWN = ("loss", "val_loss", "val_accuracy", "samples_per_sec", "tokens_per_sec", "mfu")
+    every = 30.0
+
+    def __init__(self, total: int, initial: int, log) -> None:
+        self.total, self.step, self.first, self.log = total, initial, initial, log
+        self.start = self.last = time.perf_counter()
+        self.numbers: dict[str, float] = {}
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)
+
+    def show(self, record: dict[str, Any]) -> None:
+        """The latest numbers of a logged step, shown with the progress."""
+        self.numbers |= {k: v for k, v in record.items() if k in self.SHOWN}
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in self.numbers.items()})
+
+    def update(self, step: int) -> None:
+        self.step = step
+        if self.bar is not None:
+            self.bar.update(1)
+            return
+        now = time.perf_counter()
+        if now - self.last >= self.every or step >= self.total:
+            self.last = now
+            rate = (step - self.first) / max(now - self.start, 1e-9)
+            eta = (self.total - step) / rate if rate > 0 else math.inf
+            numbers = "".join(f" · {k} {v:.4g}" for k, v in self.numbers.items())
+            self.log(f"step {step:,}/{self.total:,} · {rate:.3g} steps/s · ETA {eta:.0f} s{numbers}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class MetricsLog:
@@ -271,11 +313,7 @@ def train_loop(model: nn.Module, task: Task, cfg: Config, *, checkpoints: Path |
     if t.early_stopping is not None and val is None:
         raise ZerotuneError("train.early_stopping needs a validation split: set data.val or data.val_split > 0")
     logger = MetricsLog(metrics_path, state.step, tensorboard=metrics_path is not None)
-    bar = None
-    if t.progress and par.is_main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=int(total), initial=state.step, unit="step", dynamic_ncols=True, leave=False)
+    bar = Progress(int(total), state.step, log) if t.progress and par.is_main else None
 
     def save(name: str | None = None) -> None:
         nonlocal last_saved
@@ -385,19 +423,19 @@ def train_loop(model: nn.Module, task: Task, cfg: Config, *, checkpoints: Path |
                     if on_record is not None:
                         on_record(record)
                     if bar is not None:
-                        bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in
-                                         ("loss", "val_loss", "val_accuracy", "samples_per_sec", "tokens_per_sec")})
+                        bar.show(record)
                 if save_step:
                     save()
                 if "loss" in record:  # the next window starts after this step's evaluation, checkpoint and log
                     window_samples, window_start = 0, time.perf_counter()
                 if bar is not None:
-                    bar.update(1)
+                    bar.update(state.step)
                 if par.any(bool(caught)):  # every process stops at the same step
                     save()
                     code = 128 + (caught[0] if caught else signal.SIGTERM)
-                    raise Interrupted(f"stopped by signal at step {state.step}; checkpoint saved, "
-                                      "continue with: zerotune train --resume RUN", code)
+                    then = (f"checkpoint saved; continue with: zerotune train --resume {checkpoints.parent}"
+                            if checkpoints is not None else "nothing saved (no run folder)")
+                    raise Interrupted(f"stopped by signal at step {state.step}; {then}", code)
         if last_saved != state.step:
             save()
     finally:
