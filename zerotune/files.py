@@ -168,6 +168,8 @@ def staged_folder(out: str | Path) -> Iterator[Path]:
         fsync_dir(out.parent)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():  # stopped between the two renames: the old one goes back
+            os.rename(old, out)
         if isinstance(e, OSError):
             raise write_failed(e, out, "the folder") from e
         if type(e) is RunFailed and str(tmp) in str(e):  # a write inside: name the file where it was going

@@ -85,9 +85,18 @@ class Run:
         return self.root / "report.md"
 
 
+# what a run folder holds (the verbs' own files included); anything else means it is not only a run
+RUN_FILES = {"config.yaml", "checkpoints", "model.safetensors", "model.json", ADAPTER, "tokenizer.json",
+             "chat_template.json", "metrics.jsonl", "tb", "eval.json", "plots", "report.md", "predictions.csv",
+             "compress.json", "history.json"}
+
+
 def is_run_folder(root: Path) -> bool:
-    """A folder zerotune made as a run (it holds config.yaml), which --overwrite may replace."""
-    return (root / "config.yaml").is_file()
+    """A folder zerotune made as a run, which --overwrite may replace: it holds config.yaml and nothing but
+    what runs hold (exports into it, ``export-*``, and hidden temporary files included). A config.yaml
+    among other files belongs to something else."""
+    names = [p.name for p in root.iterdir()]
+    return "config.yaml" in names and all(n in RUN_FILES or n.startswith(("export-", ".")) for n in names)
 
 
 def check_new_run(root: Path, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> bool:

@@ -208,3 +208,16 @@ def test_a_full_disk_is_one_line_naming_the_file_for_every_verb(verb, run, corpu
     if verb != "evaluate":  # evaluate writes into the run; its eval.json is not there yet
         assert not out.exists()
     assert snapshot(source) == before
+
+
+def test_a_config_yaml_among_other_files_is_not_a_run(capsys, tmp_path):
+    """--overwrite replaces a run folder, not a project folder that happens to hold a config.yaml."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.yaml").write_text("name: my app\n")
+    (project / "main.py").write_text("print('hi')\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(epochs=1)))
+    before = snapshot(project)
+    one_line_exit(capsys, ["train", cfg, "--out", project, "--overwrite"], 2, "holds files and is not a run folder")
+    assert snapshot(project) == before
