@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -93,3 +94,9 @@ def assert_same_metrics(run: Path, reference: Path) -> None:
     assert len(steps) == len(set(steps)), f"duplicated steps in metrics.jsonl: {steps}"
     assert steps == [r["step"] for r in want], "missing or extra steps in metrics.jsonl"
     assert got == want
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` and its SHA-256, to show that nothing in it changed."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}

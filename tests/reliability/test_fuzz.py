@@ -415,18 +415,17 @@ def test_any_set_value_trains_or_is_one_line(scratch, key, value):
     """`train CONFIG --set KEY=VALUE`: it trains (exit 0), stops on a run failure such as divergence (exit 1),
     or refuses the value (exit 2), always with one line naming it, never a traceback, and a neighbouring run
     folder never changes."""
-    import hashlib
-
     import yaml as pyyaml
 
     from tests.conftest import tiny_config
+    from tests.reliability.common import snapshot
     from zerotune.cli import main
 
     config = scratch / "fuzz.yaml"
     if not config.exists():
         config.write_text(pyyaml.safe_dump(tiny_config(epochs=None, max_steps=2, eval_every=1)))
         main(["train", str(config), "--out", str(scratch / "keep")])
-    keep = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (scratch / "keep").rglob("*") if p.is_file()}
+    keep = snapshot(scratch / "keep")
     proc = subprocess.run([sys.executable, "-m", "zerotune", "train", str(config), "--set", f"{key}={value}", "--out",
                            str(scratch / "fuzzrun"), "--overwrite"], capture_output=True, text=True, timeout=600,
                           cwd=scratch)
@@ -438,5 +437,4 @@ def test_any_set_value_trains_or_is_one_line(scratch, key, value):
     if proc.returncode == 2:
         top = key.split(".")[0]
         assert top in errors[0] or "data spec" in errors[0] or "--set" in errors[0], errors[0]
-    assert keep == {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (scratch / "keep").rglob("*")
-                    if p.is_file()}
+    assert keep == snapshot(scratch / "keep")

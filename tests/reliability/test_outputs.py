@@ -9,7 +9,6 @@ a failure leaves an earlier one as it was. Every case checks the protected folde
 from __future__ import annotations
 
 import errno
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +16,9 @@ import pytest
 import yaml
 
 from tests.conftest import tiny_config
+from tests.reliability.common import snapshot
 from zerotune.cli import main
 from zerotune.train.api import train
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every file under ``folder`` (TensorBoard events aside) and its SHA-256."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def one_line_exit(capsys, argv: list[str], code: int, *fragments: str) -> None:

@@ -3,7 +3,6 @@ run untouched; what it can (the learning rate, betas, the schedule) applies from
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -12,14 +11,10 @@ import pytest
 import yaml
 
 from tests.conftest import tiny_config
+from tests.reliability.common import snapshot
 from zerotune.cli import main
 from zerotune.train import checkpoint as ckpt
 from zerotune.train.api import train
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

@@ -120,7 +120,7 @@ class Progress:
     every = 30.0
 
     def __init__(self, total: int, initial: int, log) -> None:
-        self.total, self.step, self.first, self.log = total, initial, initial, log
+        self.total, self.first, self.log = total, initial, log
         self.start = self.last = time.perf_counter()
         self.numbers: dict[str, float] = {}
         self.bar = None
@@ -136,7 +136,6 @@ class Progress:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in self.numbers.items()})
 
     def update(self, step: int) -> None:
-        self.step = step
         if self.bar is not None:
             self.bar.update(1)
             return
