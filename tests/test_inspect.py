@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from zerotune.config import load_config
@@ -203,3 +204,27 @@ def test_every_verb_is_a_python_function_with_an_example():
     for name in zerotune.VERBS:
         verb = getattr(zerotune, name)
         assert callable(verb) and "Example" in (verb.__doc__ or ""), name
+
+
+def test_python_callers_read_python_words_in_errors(tmp_path, capsys):
+    """The same refusal speaks flags on the command line and parameters in Python."""
+    import zerotune
+    from tests.conftest import tiny_config
+    from zerotune.cli import main
+    from zerotune.errors import ZerotuneError
+
+    run = zerotune.train(tiny_config(epochs=1), out=tmp_path / "run", log=lambda *a: None)
+    with pytest.raises(ZerotuneError, match=r"run: run folder already exists; pass overwrite=True to replace it or "
+                                            r"out=\.\.\. to choose another$"):
+        zerotune.train(tiny_config(), out=run)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tiny_config()))
+    assert main(["train", str(tmp_path / "c.yaml"), "--out", str(run)]) == 2
+    assert "pass --overwrite to replace it or --out to choose another" in capsys.readouterr().err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(ZerotuneError, match=r"\(overwrite=True replaces only a run folder\)"):
+        zerotune.train(tiny_config(), out=tmp_path / "mine")
+    (tmp_path / "preds.csv").write_text("mine")
+    with pytest.raises(ZerotuneError, match=r"preds.csv: already exists; pass overwrite=True to replace it$"):
+        zerotune.predict(run, "builtin:digits", tmp_path / "preds.csv")
+    assert (tmp_path / "preds.csv").read_text() == "mine"

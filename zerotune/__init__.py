@@ -17,7 +17,9 @@ Every command-line verb is a function here::
     zerotune.prepare("builtin:pydoc", "runs/tok", "runs/pydoc-shards")     # token shards; the counts
     zerotune.demo()                                  # the offline tour into runs/demo/
 
-The verbs are imported on first use (``import zerotune`` itself loads nothing heavy). The names
+The verbs are imported on first use (``import zerotune`` itself loads nothing heavy). Their
+errors name Python parameters (``overwrite=True``) where the command line's name its flags
+(``--overwrite``). The names
 ``train``, ``finetune``, ``evaluate``, ``generate``, ``inspect``, ``load`` and ``demo`` stay bound to
 the verbs even once the modules of the same name are imported: reach those as
 ``from zerotune.train import loop``.
@@ -25,7 +27,9 @@ the verbs even once the modules of the same name are imported: reach those as
 
 from __future__ import annotations
 
+import functools
 import importlib
+import re
 import sys
 import types
 
@@ -53,12 +57,44 @@ VERBS = {
 
 __all__ = list(VERBS)
 
+# the advice in error messages, as the command line gives it → as a Python caller acts on it
+PYTHON_WORDS = [
+    (r"pass --overwrite\b", "pass overwrite=True"),
+    (r"\(--overwrite replaces", "(overwrite=True replaces"),
+    (r"or --out to choose another", "or out=... to choose another"),
+    (r"choose another --out\b", "choose another out=..."),
+    (r"^--out: ", "out: "),
+    (r"^--from: ", "source: "),
+]
+
+
+def speak_python(message: str) -> str:
+    """An error message with the command line's advice in Python's words (:data:`PYTHON_WORDS`)."""
+    for flag, python in PYTHON_WORDS:
+        message = re.sub(flag, python, message)
+    return message
+
+
+def _in_python_words(fn):
+    """``fn`` whose ZerotuneError messages speak Python (same exception, same type)."""
+
+    @functools.wraps(fn)
+    def verb(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if e.args and isinstance(e.args[0], str) and type(e).__module__ == "zerotune.errors":
+                e.args = (speak_python(e.args[0]), *e.args[1:])
+            raise
+
+    return verb
+
 
 def __getattr__(name: str):  # PEP 562: a verb's module is imported when the verb is first used
     if name not in VERBS:
         raise AttributeError(f"module 'zerotune' has no attribute {name!r}")
     module, attr = VERBS[name]
-    value = getattr(importlib.import_module(module), attr)
+    value = _in_python_words(getattr(importlib.import_module(module), attr))
     globals()[name] = value
     return value
 

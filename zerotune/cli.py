@@ -131,7 +131,7 @@ def _quantize(a: argparse.Namespace) -> int:
 def _evaluate(a: argparse.Namespace) -> int:
     from zerotune.evaluate.api import evaluate
 
-    result = evaluate(a.run, data=a.data, split=a.split)
+    result = evaluate(a.run, data=a.data, split=a.split, output=a.output, overwrite=a.overwrite)
     if a.json:
         print(json.dumps(result))
     else:
@@ -140,7 +140,7 @@ def _evaluate(a: argparse.Namespace) -> int:
                 print(f"{k:>16}  {v:.4f}")
             elif not isinstance(v, (list, dict)):
                 print(f"{k:>16}  {v}")
-        print(f"written: {Path(a.run) / 'eval.json'}")
+        print(f"written: {a.output or Path(a.run) / 'eval.json'}")
     return 0
 
 
@@ -161,7 +161,7 @@ def _demo(a: argparse.Namespace) -> int:
 def _download(a: argparse.Namespace) -> int:
     from zerotune.data.download import DATASETS, download
 
-    files = download(a.name, a.dest, mirror=a.mirror)
+    files = download(a.name, a.dest, mirror=a.mirror, overwrite=a.overwrite)
     print(f"{len(files)} files verified in {a.dest}; use the data spec {DATASETS[a.name].spec.format(dest=a.dest)}")
     return 0
 
@@ -311,11 +311,18 @@ def build_parser() -> Parser:
     s.set_defaults(fn=_quantize)
 
     s = sub.add_parser("evaluate", help="metrics of a trained run on its test split or other data",
-                       description="Writes RUN/eval.json and RUN/plots/confusion_matrix.png.")
+                       description="Writes RUN/eval.json and RUN/plots/confusion_matrix.png (or --output FILE and "
+                                   "FILE_confusion_matrix.png beside it); existing ones only with --overwrite.",
+                       epilog="examples:\n"
+                              "  zerotune evaluate runs/digits_mlp --json\n"
+                              "  zerotune evaluate runs/digits_mlp --data csv:new.csv --output runs/new_eval.json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("run", help="run folder")
     s.add_argument("--data", metavar="SPEC", help="evaluate on this data spec instead of the run's own split")
     s.add_argument("--split", default="test", choices=["test", "val", "train"], help="the run's split (default test)")
     s.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    s.add_argument("--output", metavar="FILE", help="where the metrics go (default RUN/eval.json)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing metrics file and plot")
     s.set_defaults(fn=_evaluate)
 
     s = sub.add_parser("predict", help="predictions of a classifier/regressor as CSV")
@@ -357,6 +364,8 @@ def build_parser() -> Parser:
     d.add_argument("name", choices=["mnist", "fashion-mnist", "cifar10"])
     d.add_argument("dest", help="folder to put the files in")
     d.add_argument("--mirror", help="base URL to fetch from instead (also $ZEROTUNE_DATA_MIRROR)")
+    d.add_argument("--overwrite", action="store_true",
+                   help="download again a file of the same name that does not match the published checksum")
     d.set_defaults(fn=_download)
 
     s = sub.add_parser("tokenizer", help="tokenizers: train")

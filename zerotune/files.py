@@ -226,8 +226,9 @@ def load_torch(path: str | Path, device: str | torch.device = "cpu") -> Any:
         raise ZerotuneError(f"cannot be loaded safely ({first_line(e)})", path=path) from None
 
 
-def load_state_dict_checked(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: object) -> None:
-    """``model.load_state_dict`` whose failures name the first offending tensor in one line."""
+def check_state_dict(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: object) -> None:
+    """The tensor names and shapes ``model`` has are those of ``weights``, else the first offending
+    tensor in one line. ``model`` may live on the meta device (shapes only, nothing allocated)."""
     own = model.state_dict()
     missing = [k for k in own if k not in weights]
     unexpected = [k for k in weights if k not in own]
@@ -240,6 +241,11 @@ def load_state_dict_checked(model: torch.nn.Module, weights: dict[str, torch.Ten
             raise ZerotuneError(
                 f"tensor {k!r} has shape {tuple(weights[k].shape)}, the model expects {tuple(mine.shape)}", path=source
             )
+
+
+def load_state_dict_checked(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: object) -> None:
+    """``model.load_state_dict`` whose failures name the first offending tensor in one line."""
+    check_state_dict(model, weights, source)
     model.load_state_dict(weights)
 
 

@@ -37,6 +37,7 @@ from zerotune.models.gpt import flops_per_token, kv_cache_bytes_per_token, memor
 from zerotune.spec import DataInfo
 from zerotune.train.parallel import Parallel
 from zerotune.train.tasks import resolve_vocab
+from zerotune.units import human
 
 aten = torch.ops.aten
 
@@ -197,20 +198,6 @@ def inspect_model(model: nn.Module, example: torch.Tensor) -> InspectReport:
         input_shape=list(example.shape[1:]),
         input_dtype=str(example.dtype).removeprefix("torch."),
     )
-
-
-def human(n: float, unit: str = "") -> str:
-    """1234567 → '1.23M' (k, M, G, T steps of 1000; bytes use KiB/MiB/GiB steps of 1024)."""
-    if unit == "B":
-        for suffix in ("B", "KiB", "MiB", "GiB"):
-            if abs(n) < 1024 or suffix == "GiB":
-                return f"{n:.0f} {suffix}" if suffix == "B" else f"{n:.2f} {suffix}"
-            n /= 1024
-    for suffix in ("", "k", "M", "G"):
-        if abs(n) < 1000:
-            return f"{n:.0f}{suffix}" if suffix == "" else f"{n:.2f}{suffix}"
-        n /= 1000
-    return f"{n:.2f}T"
 
 
 def format_report(report: InspectReport) -> str:

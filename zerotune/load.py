@@ -18,6 +18,7 @@ SOURCE is one of
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from zerotune.config import FinetuneConfig, LoRAConfig, describe_error
 from zerotune.data.splits import Preprocess
 from zerotune.data.tokenizer import load_tokenizer
 from zerotune.errors import ZerotuneError
-from zerotune.files import load_state_dict_checked, load_weights, read_json_object
+from zerotune.files import check_state_dict, load_weights, read_json_object
 from zerotune.finetune import lora as L
 from zerotune.finetune.adapt import LORA_METHODS, Pretrained, adapted_model, gpt_body
 from zerotune.interop import hf
@@ -86,14 +87,23 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
         if is_finetuned(meta):  # LoRA (base + adapter.safetensors) or a GPT sequence classifier
             model = rebuild_model(run, meta, info)
         else:
-            model = build_model(cfg, info)
-            load_state_dict_checked(model, read_weights(run, meta), run.weights)
+            model = built_for(lambda: build_model(cfg, info), read_weights(run, meta), run.weights)
     except ZerotuneError as e:
         if e.path is not None:
             raise
         raise ZerotuneError(str(e), path=run.model_json) from None
     tokenizer = load_tokenizer(run.tokenizer) if run.tokenizer.is_file() else None
     return LoadedRun(run, model.to(device).eval(), meta, info, parsed["preprocess"], tokenizer)
+
+
+def built_for(build: Callable[[], nn.Module], weights: dict[str, torch.Tensor], source: Path) -> nn.Module:
+    """``build()`` holding ``weights``, checked first on a model built on the meta device: a model.json
+    whose sizes are not those of the weights is one line before anything of its size is allocated."""
+    with torch.device("meta"):
+        check_state_dict(build(), weights, source)
+    model = build()
+    model.load_state_dict(weights)
+    return model
 
 
 def read_weights(run: Run, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -115,20 +125,34 @@ def rebuild_model(run: Run, meta: dict[str, Any], info: DataInfo) -> nn.Module:
     Raises:
         ZerotuneError: the base cannot be loaded, or the saved tensors do not fit it (named).
     """
-    pooling = meta.get("head", {}).get("pooling")
+    head = meta.get("head", {})
+    pooling = head.get("pooling") if isinstance(head, dict) else None
     if meta.get("method") in LORA_METHODS:
-        if "base" not in meta or "lora" not in meta:
-            raise ZerotuneError("a LoRA run's model.json needs 'base' and 'lora'", path=run.model_json)
-        s = meta["lora"]
-        ft = FinetuneConfig(method=meta["method"], qlora_bits=meta.get("qlora_bits", 4), pooling=pooling,
-                            lora=LoRAConfig(r=s["r"], alpha=s["alpha"], dropout=s["dropout"], targets=s["targets"]))
+        if "base" not in meta or not isinstance(meta.get("lora"), dict):
+            raise ZerotuneError("a LoRA run's model.json needs 'base' and 'lora' (an object)", path=run.model_json)
+        s, adapter = meta["lora"], load_weights(run.adapter)
+        saved = {k: s[k] for k in ("r", "alpha", "dropout", "targets") if k in s}
+        if len(saved) < 4:
+            missing = next(k for k in ("r", "alpha", "dropout", "targets") if k not in s)
+            raise ZerotuneError(f"lora.{missing}: required key is missing", path=run.model_json)
+        try:
+            ft = FinetuneConfig(method=meta["method"], qlora_bits=meta.get("qlora_bits", 4), pooling=pooling,
+                                lora=LoRAConfig.model_validate(saved))
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = err["loc"] if err["loc"][:1] == ("lora",) else ("lora", *err["loc"])
+            raise ZerotuneError(describe_error({**err, "loc": loc}), path=run.model_json) from None
+        ranks = {name: t.shape[0] for name, t in adapter.items() if name.endswith("lora_A")}
+        wrong = next((name for name, r in ranks.items() if r != ft.lora.r), None)
+        if wrong is not None:  # before the base is adapted at that rank
+            raise ZerotuneError(f"lora.r is {ft.lora.r} but {wrong} in {run.adapter.name} has rank {ranks[wrong]}",
+                                path=run.model_json)
         model, _ = adapted_model(load_source_model(meta["base"]), meta["task"], info, ft)
-        L.load_lora_state_dict(model, load_weights(run.adapter), run.adapter)
+        L.load_lora_state_dict(model, adapter, run.adapter)
         return model
     cfg = GPTConfig.model_validate(meta["model"])
-    model = SequenceClassifier(gpt_body(GPT(cfg)), cfg.d_model, info.n_outputs, pooling or "last", info.pad_id)
-    load_state_dict_checked(model, read_weights(run, meta), run.weights)
-    return model
+    return built_for(lambda: SequenceClassifier(gpt_body(GPT(cfg)), cfg.d_model, info.n_outputs, pooling or "last",
+                                                info.pad_id), read_weights(run, meta), run.weights)
 
 
 def model_inputs(run: Run) -> list[Path]:

@@ -89,7 +89,7 @@ def test_digits_run_pruned_through_the_cli(digits_run, tmp_path, capsys):
     assert report["method"] == "prune" and report["source"] == str(digits_run)
     assert {"accuracy", "loss", "f1", "n", "split"} <= set(report["before"]) and report["before"]["split"] == "test"
     assert report["before"] == scalar_metrics(measure(load_run(digits_run)))  # measured, not written into RUN
-    assert report["after"] == scalar_metrics(zerotune.evaluate(out))
+    assert report["after"] == scalar_metrics(zerotune.evaluate(out, overwrite=True))
     assert zerotune.predict(out, "builtin:digits").is_file()
     assert snapshot(digits_run) == source
 
@@ -121,7 +121,7 @@ def test_lora_run_is_merged_then_pruned(gpt_run, gpt_lora_run, tmp_path):
         torch.testing.assert_close(got.state_dict()[name], want, rtol=0, atol=0)
     report = json.loads((out / "compress.json").read_text())
     assert {"loss", "perplexity"} <= set(report["before"]) and "(val)" in report["before"]["split"]
-    assert report["after"]["perplexity"] == pytest.approx(zerotune.evaluate(out)["perplexity"], rel=1e-6)
+    assert report["after"]["perplexity"] == pytest.approx(zerotune.evaluate(out, overwrite=True)["perplexity"], rel=1e-6)
     assert zerotune.generate(out, ["the "], max_new_tokens=4, temperature=0, seed=0)
 
 

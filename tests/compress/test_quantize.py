@@ -87,7 +87,7 @@ def test_digits_run_quantized_through_the_cli(digits_run, tmp_path, capsys):
     assert sizes["quantized_tensors"] == {"float": 4 * (32 * 64 + 10 * 32), "int8_with_scales": 32 * 64 + 10 * 32
                                           + 4 * (32 + 10)}
     assert sizes["source_file"] == (digits_run / "model.safetensors").stat().st_size > sizes["quantized_file"]
-    assert report["after"] == scalar_metrics(zerotune.evaluate(out)) and report["before"]["split"] == "test"
+    assert report["after"] == scalar_metrics(zerotune.evaluate(out, overwrite=True)) and report["before"]["split"] == "test"
     assert zerotune.predict(out, "builtin:digits").is_file()
 
 
@@ -152,4 +152,4 @@ def test_cnn_run_conv_weights_quantized_and_pruned_per_output_channel(tmp_path):
     assert (q.flatten(1).abs().amax(1) == 127).all()  # each output channel's largest |w| maps to ±127
     pruned = prune(run, amount=0.25, **QUIET)
     assert json.loads((pruned / "model.json").read_text())["pruning"]["tensors"][f"{conv}.weight"] == 9 / 36  # 4·1·3·3
-    assert "accuracy" in zerotune.evaluate(tmp_path / "cnn-int8")
+    assert "accuracy" in zerotune.evaluate(tmp_path / "cnn-int8", overwrite=True)

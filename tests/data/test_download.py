@@ -141,3 +141,23 @@ def test_archive_escaping_the_folder_is_refused(tmp_path, server, monkeypatch):
         dl.download("cifar10", tmp_path / "c", mirror=url)
     assert not (tmp_path / "escaped.txt").exists()
 
+
+
+def test_a_different_file_of_the_same_name_is_kept_unless_told(tmp_path, server, monkeypatch, capsys):
+    """A file in DEST with the name of a data set's file but another checksum (the user's own, a
+    damaged copy) is refused before anything is fetched; --overwrite downloads it again."""
+    from zerotune.cli import main
+
+    www, url = server
+    write_digits_idx(www / "files")
+    _patch(monkeypatch, "mnist", www / "files", dl.IDX_NAMES)
+    dest = tmp_path / "mnist"
+    dest.mkdir()
+    (dest / dl.IDX_NAMES[2]).write_bytes(b"mine")
+    assert main(["data", "download", "mnist", str(dest), "--mirror", url]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{dest / dl.IDX_NAMES[2]}: exists and is not the published file" in err[0]
+    assert "pass --overwrite" in err[0]
+    assert [p.name for p in dest.iterdir()] == [dl.IDX_NAMES[2]] and (dest / dl.IDX_NAMES[2]).read_bytes() == b"mine"
+    assert main(["data", "download", "mnist", str(dest), "--mirror", url, "--overwrite"]) == 0
+    assert all((dest / n).read_bytes() == (www / "files" / n).read_bytes() for n in dl.IDX_NAMES)

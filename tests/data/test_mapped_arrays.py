@@ -87,3 +87,23 @@ def test_bad_folders_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "x.npy: not a readable .npy file" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_mapped_x_is_scanned_for_values_that_are_not_finite(tmp_path):
+    """A memory-mapped x.npy is scanned before training, in chunks of rows (here 3 rows of 8
+    float64 = 192 bytes at a time, as a file larger than memory would be); a float64 beyond
+    float32's range would become an infinity and is refused too."""
+    from zerotune.data.sources import _check_finite
+
+    x = np.zeros((12, 8))
+    for i, value in enumerate((np.nan, -np.inf, 1e300)):
+        x[10, 5] = value
+        folder = write_folder(tmp_path / f"a{i}", x, np.arange(12) % 2)
+        message = r"x holds NaN, an infinity or a value beyond float32 \(first in row 10\)"
+        with pytest.raises(ZerotuneError, match=rf"a{i}: {message}"):
+            load_source(f"arrays:{folder}", DataConfig(in_memory=False))
+        with pytest.raises(ZerotuneError, match=message):
+            _check_finite(np.load(folder / "x.npy", mmap_mode="r"), "x", folder, chunk_bytes=192)
+    x[10, 5] = 3.0e38  # within float32
+    ok = write_folder(tmp_path / "ok", x, np.arange(12) % 2)
+    assert load_source(f"arrays:{ok}", DataConfig(in_memory=False)).train.x.shape == (12, 8)

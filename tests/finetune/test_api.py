@@ -80,6 +80,24 @@ def test_lora_run_saves_small_adapter_and_counts_by_hand(lora_run):
         assert (lora_run / f).is_file(), f
 
 
+def test_a_lora_model_json_edited_to_another_rank_or_without_keys_is_one_line(lora_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    meta = json.loads((run / "model.json").read_text())
+    for edit, message in [({"r": 2**30}, r"lora.r is 1073741824 but .*lora_A in adapter.safetensors has rank 4"),
+                          ({"alpha": "big"}, r"lora.alpha: expected a number, got 'big'"),
+                          ({"alpha": -1}, r"lora.alpha: input should be greater than 0")]:
+        (run / "model.json").write_text(json.dumps({**meta, "lora": {**meta["lora"], **edit}}))
+        with pytest.raises(ZerotuneError, match=rf"model.json: {message}"):
+            load_run(run)
+    del meta["lora"]["dropout"]
+    (run / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ZerotuneError, match=r"model.json: lora.dropout: required key is missing"):
+        load_run(run)
+
+
 def test_lora_run_rebuilds_base_plus_adapters(lora_run, minilm_weights):
     loaded = load_run(lora_run)
     model = loaded.model

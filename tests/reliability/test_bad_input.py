@@ -64,6 +64,10 @@ def files(tmp_path_factory, reference_run):
     meta = json.loads((d / "badshape" / "model.json").read_text())
     meta["data_info"]["input_shape"] = [0, 8, 8]
     (d / "badshape" / "model.json").write_text(json.dumps(meta))
+    shutil.copytree(d / "run", d / "huge")  # sizes the weights do not have: refused before they are allocated
+    meta = json.loads((d / "huge" / "model.json").read_text())
+    meta["model"]["hidden"] = [2**36]
+    (d / "huge" / "model.json").write_text(json.dumps(meta))
     return d
 
 
@@ -99,8 +103,8 @@ CASES = [
     (["train", "{d}/c.yaml", "--set", "model.hidden=[100000000000]"], ["model: 7,500,000,000,010 parameters need "
                                                                           "about", "GiB for weights, gradients"]),
     (["train", "{d}/c.yaml", "--set", "data.train=arrays:{d}/oneclass.npz"], ["a classifier needs two classes"]),
-    (["train", "{d}/c.yaml", "--set", "data.train=arrays:{d}/nan.npz"], ["nan.npz: x holds NaN or an infinity "
-                                                                          "(first in row 14)"]),
+    (["train", "{d}/c.yaml", "--set", "data.train=arrays:{d}/nan.npz"], ["nan.npz: x holds NaN, an infinity or a "
+                                                                          "value beyond float32 (first in row 14)"]),
     (["train", "{d}/c.yaml", "--set", "data.train=arrays:{d}/y2d.npz"], ["y2d.npz: y must hold one label or target"]),
     (["train", "{d}/c.yaml", "--set", "data.train=arrays:{d}/nofeatures.npz"], ["nofeatures.npz: x has no features"]),
     (["train", "{d}/bomb.yaml"], ["bomb.yaml: expands to more than 100,000 values"]),
@@ -109,6 +113,7 @@ CASES = [
     (["evaluate", "{d}/run", "--data", "arrays:{d}/floatlabels.npz"], ["its labels are real numbers, but the model "
                                                                         "is a classifier"]),
     (["evaluate", "{d}/badshape"], ["model.json: data_info: input_shape: expected sizes from 1"]),
+    (["evaluate", "{d}/huge"], ["model.safetensors: tensor 'net.1.weight' has shape", "the model expects (68719476736,"]),
     (["generate", "{d}/run", "--prompt", "x", "--temperature", "nan"], ["temperature: expected a finite number"]),
     (["generate", "{d}/run", "--prompt", "x", "--top-p", "inf"], ["top_p: expected a number in (0, 1]"]),
     (["generate", "{d}/run", "--prompt", "x", "--seed", "-3"], ["--seed: expected a whole number from 0"]),

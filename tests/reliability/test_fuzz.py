@@ -438,3 +438,126 @@ def test_any_set_value_trains_or_is_one_line(scratch, key, value):
         top = key.split(".")[0]
         assert top in errors[0] or "data spec" in errors[0] or "--set" in errors[0], errors[0]
     assert keep == snapshot(scratch / "keep")
+
+
+# ---------------------------------------------------------------- model.json and Hugging Face folders
+
+
+def replaced(base: dict) -> st.SearchStrategy[dict]:
+    """``base`` with one value anywhere in it (a nested key or list item) replaced by any JSON
+    value, or removed."""
+    paths: list[tuple] = []
+
+    def walk(node, path):
+        paths.append(path)
+        children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for k, v in children:
+            walk(v, (*path, k))
+
+    walk(base, ())
+
+    @st.composite
+    def build(draw):
+        tree = json.loads(json.dumps(base))
+        path = draw(st.sampled_from(paths[1:]))
+        parent = tree
+        for k in path[:-1]:
+            parent = parent[k]
+        if draw(st.booleans()) and isinstance(parent, dict):
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = draw(st.one_of(json_values, st.integers(-2**63, 2**64), st.integers(-3, 3)))
+        return tree
+
+    return build()
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """A finished digits MLP run (its model.json is what the reader below fuzzes)."""
+    from tests.conftest import tiny_config
+    from zerotune.train.api import train
+
+    return train(tiny_config(epochs=1), out=tmp_path_factory.mktemp("mj") / "run", log=lambda *a: None)
+
+
+def _model_json(run: Path) -> dict:
+    return json.loads((run / "model.json").read_text())
+
+
+@FUZZ
+@given(data=st.data())
+def test_model_json_reader(scratch, small_run, data):
+    """Any model.json: the run loads (and its model runs on an example) or one line names the file."""
+    import shutil
+
+    from zerotune.load import load_run
+
+    run = scratch / "run"
+    if not run.exists():
+        shutil.copytree(small_run, run)
+    good = _model_json(small_run)
+    edited = replaced(good).map(lambda t: json.dumps(t).encode())  # drawn half the time: values, not bytes
+    blob = data.draw(st.one_of(edited, edited, mutated(json.dumps(good).encode()), st.binary(max_size=40)))
+    (run / "model.json").write_bytes(blob)
+    loaded = check(load_run, run)
+    if not isinstance(loaded, ZerotuneError):
+        import torch
+
+        with torch.no_grad():
+            loaded.model(torch.zeros(2, *loaded.info.input_shape))
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A tiny GPT run exported in Hugging Face format, its weights cut into two shards with an index."""
+    from tests.helpers import write_char_shards
+    from zerotune.files import save_weights, write_json
+    from zerotune.interop.export import export
+    from zerotune.train.api import train
+
+    root = tmp_path_factory.mktemp("hf")
+    shards = write_char_shards(root, "the cat sat on the mat. " * 6, 40, 0.1)
+    run = train({"seed": 0, "task": "causal_lm", "data": {"train": f"shards:{shards}"},
+                 "model": {"arch": "gpt", "block_size": 16, "n_layer": 1, "n_head": 2, "d_model": 16},
+                 "train": {"epochs": None, "max_steps": 2, "batch_size": 4, "progress": False, "metrics": []}},
+                out=root / "run", log=lambda *a: None)
+    out = export(run, "hf", root / "hf")
+    tensors = load_weights(out / "model.safetensors")
+    names = sorted(tensors)
+    half = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+            "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+    for file, part in half.items():
+        save_weights(out / file, {n: tensors[n] for n in part})
+    (out / "model.safetensors").unlink()
+    write_json(out / "model.safetensors.index.json", {"metadata": {}, "weight_map": {
+        n: file for file, part in half.items() for n in part}})
+    return out
+
+
+@FUZZ
+@given(data=st.data())
+def test_hugging_face_folder_reader(scratch, hf_folder, data):
+    """Any config.json or weight index: the model loads (and runs on a few tokens) or one line
+    names a file of the folder."""
+    import shutil
+
+    import torch
+
+    from zerotune.load import load
+
+    folder = scratch / "hf"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(hf_folder, folder)
+    name = data.draw(st.sampled_from(["config.json", "model.safetensors.index.json"]))
+    good = json.loads((hf_folder / name).read_text())
+    edited = replaced(good).map(lambda t: json.dumps(t).encode())  # drawn half the time: values, not bytes
+    blob = data.draw(st.one_of(edited, edited, mutated(json.dumps(good).encode()), st.binary(max_size=40)))
+    (folder / name).write_bytes(blob)
+    try:
+        model, _ = load(folder)
+    except ZerotuneError as e:
+        assert str(folder) in str(e), str(e)
+        return
+    with torch.no_grad():
+        model(torch.zeros(1, 4, dtype=torch.long))

@@ -61,6 +61,27 @@ def test_predict_never_writes_over_the_runs_weights(run, capsys, tmp_path):
     assert out.read_text().startswith("index,prediction,probability")
 
 
+def test_evaluate_keeps_an_earlier_evaluation_unless_told(run, capsys, tmp_path):
+    """A second evaluation (other data, another split) does not replace the first without
+    --overwrite; --output puts it elsewhere, its plot beside it; never onto the run's model."""
+    import json
+    import shutil
+
+    source = tmp_path / "run"
+    shutil.copytree(run, source)
+    assert main(["evaluate", str(source)]) == 0
+    first = snapshot(source)
+    one_line_exit(capsys, ["evaluate", source, "--split", "val"], 2, "eval.json: already exists; pass --overwrite")
+    one_line_exit(capsys, ["evaluate", source, "--output", source / "model.safetensors", "--overwrite"], 2,
+                  "model.safetensors: is an input of this command")
+    assert snapshot(source) == first
+    assert main(["evaluate", str(source), "--split", "val", "--output", str(tmp_path / "val.json")]) == 0
+    assert json.loads((tmp_path / "val.json").read_text())["split"] == "val"
+    assert (tmp_path / "val_confusion_matrix.png").stat().st_size > 0 and snapshot(source) == first
+    assert main(["evaluate", str(source), "--split", "val", "--overwrite"]) == 0
+    assert json.loads((source / "eval.json").read_text())["split"] == "val"
+
+
 def test_prepare_never_writes_into_a_folder_that_is_not_a_shard_folder(run, corpus, capsys, tmp_path):
     tok = tmp_path / "tok"
     assert main(["tokenizer", "train", "--input", f"text:{corpus}", "--vocab-size", "300", "--kind", "char",
@@ -189,7 +210,7 @@ def test_a_full_disk_is_one_line_naming_the_file_for_every_verb(verb, run, corpu
         "predict": (["predict", source, "--input", "builtin:digits", "--output", work / "p.csv"], work / "p.csv"),
         "export-onnx": (["export", source, "--format", "onnx", "--out", work / "onnx"], work / "onnx"),
         "export-safetensors": (["export", source, "--format", "safetensors", "--out", work / "st"], work / "st"),
-        "evaluate": (["evaluate", source], source),
+        "evaluate": (["evaluate", source], source / "plots" / "confusion_matrix.png"),  # the plot first
         "prune": (["prune", source, "--amount", "0.5", "--out", work / "pruned"], work / "pruned"),
         "quantize": (["quantize", source, "--out", work / "int8"], work / "int8"),
     }[verb]
@@ -199,9 +220,9 @@ def test_a_full_disk_is_one_line_naming_the_file_for_every_verb(verb, run, corpu
     full_disk(monkeypatch)
     one_line_exit(capsys, argv, 1, f"error: {out}", "No space left on device")
     no_temporary_files(work, source)
-    if verb != "evaluate":  # evaluate writes into the run; its eval.json is not there yet
-        assert not out.exists()
-    assert snapshot(source) == before
+    assert not out.exists() and not (source / "eval.json").exists()
+    if verb != "evaluate":  # the one verb that writes into the run (its eval.json and plot)
+        assert snapshot(source) == before
 
 
 def test_a_config_yaml_among_other_files_is_not_a_run(capsys, tmp_path):

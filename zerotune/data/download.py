@@ -6,18 +6,18 @@
 
 Each file is streamed to a temporary file inside DEST, its checksum verified, and only then
 renamed into place, so an interrupted or corrupted download never leaves a file that looks
-good. A file already present with the right checksum is not downloaded again. The base URL
+good. A file already present with the right checksum is not downloaded again; one with another
+checksum (a different or damaged copy) is replaced only with ``overwrite``. The base URL
 can be replaced with ``mirror`` or the ``ZEROTUNE_DATA_MIRROR`` environment variable (a
 folder URL holding the same file names).
 
-Command line: ``zerotune data download NAME DEST [--mirror URL]``.
+Command line: ``zerotune data download NAME DEST [--mirror URL] [--overwrite]``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import tarfile
 import urllib.error
 import urllib.request
@@ -121,20 +121,22 @@ def extract_tar(archive: Path, dest: Path) -> list[Path]:
     return [dest / m.name for m in members]
 
 
-def download(name: str, dest: str | Path, mirror: str | None = None) -> list[Path]:
+def download(name: str, dest: str | Path, mirror: str | None = None, overwrite: bool = False) -> list[Path]:
     """Download data set ``name`` into ``dest`` and verify it.
 
     Args:
         name: ``mnist``, ``fashion-mnist`` or ``cifar10``.
         dest: the folder to fill (created if missing).
         mirror: a base URL to use instead of the official one (default: ``$ZEROTUNE_DATA_MIRROR``).
+        overwrite: download again a file of the same name whose checksum is not the published one.
 
     Returns:
         The data files now in ``dest``: the IDX files, or for CIFAR-10 the extracted batch files.
 
     Raises:
         ZerotuneError: unknown name, unreachable URL (the message says where to put the files
-            by hand), or a checksum mismatch (the bad download is deleted).
+            by hand), a checksum mismatch (the bad download is deleted), or a file of the same
+            name that is not the published one, without ``overwrite`` (checked before any download).
 
     Example:
         >>> download("mnist", "data/mnist")  # then train with data.train = "idx:data/mnist"
@@ -143,36 +145,24 @@ def download(name: str, dest: str | Path, mirror: str | None = None) -> list[Pat
         raise ZerotuneError(f"unknown data set {name!r}; choose from {', '.join(DATASETS)}")
     ds = DATASETS[name]
     dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise ZerotuneError("exists and is not a folder", path=dest)
+    missing = []
+    for filename, md5 in ds.files:
+        target = dest / filename
+        have = md5sum(target) if target.is_file() else None
+        if have == md5:
+            continue
+        if target.exists() and (target.is_dir() or not overwrite):
+            raise ZerotuneError(f"exists and is not the published file (md5 {md5}); pass --overwrite to download "
+                                "it again, or choose another folder", path=target)
+        missing.append((filename, md5))
     dest.mkdir(parents=True, exist_ok=True)
     base = mirror or os.environ.get(MIRROR_ENV) or ds.base_url
     base = base if base.endswith("/") else base + "/"
+    for filename, md5 in missing:
+        fetch(base + filename, dest / filename, md5)
     out: list[Path] = []
-    for filename, md5 in ds.files:
-        target = dest / filename
-        if not (target.is_file() and md5sum(target) == md5):
-            fetch(base + filename, target, md5)
-        out += extract_tar(target, dest) if ds.extract else [target]
+    for filename, _ in ds.files:
+        out += extract_tar(dest / filename, dest) if ds.extract else [dest / filename]
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="zerotune data download", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("name", choices=sorted(DATASETS))
-    parser.add_argument("dest")
-    parser.add_argument("--mirror", default=None, help=f"base URL to use instead (or ${MIRROR_ENV})")
-    args = parser.parse_args(argv)
-    try:
-        files = download(args.name, args.dest, args.mirror)
-    except ZerotuneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    print(f"{len(files)} files in {args.dest}; use {DATASETS[args.name].spec.format(dest=args.dest)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -61,8 +61,7 @@ def load_arrays(arg: str, cfg=None) -> Source:
     if not all(example):
         raise ZerotuneError(f"x has no features: each row has shape {tuple(example)}", path=path)
     _check_finite(y, "y", path)
-    if not isinstance(x, np.memmap):  # in memory: checked here; a mapped x.npy is read per batch
-        _check_finite(x, "x", path)
+    _check_finite(x, "x", path)  # a mapped x.npy too: one pass in chunks, before any training
     if isinstance(x, np.memmap) and not keep_in_memory(cfg.in_memory if cfg is not None else "auto",
                                                         x.size * 4):
         xt = MappedArray(path / "x.npy", example, range(len(x)))
@@ -76,11 +75,21 @@ def load_arrays(arg: str, cfg=None) -> Source:
     return Source(Split(xt, torch.from_numpy(y.astype(np.float32))), info)
 
 
-def _check_finite(a: np.ndarray, name: str, path: Path) -> None:
-    """NaN or an infinity in a float array is one line naming the array and the first bad row."""
-    if a.dtype.kind == "f" and not np.isfinite(a).all():
-        row = int(np.argwhere(~np.isfinite(a.reshape(len(a), -1)))[0][0])
-        raise ZerotuneError(f"{name} holds NaN or an infinity (first in row {row})", path=path)
+def _check_finite(a: np.ndarray, name: str, path: Path, chunk_bytes: int = 64 * 2**20) -> None:
+    """NaN, an infinity, or a value beyond float32 (it would become one) in a float array is one
+    line naming the array and the first bad row. Read in chunks of rows, so a memory-mapped array
+    larger than memory is scanned without being loaded."""
+    if a.dtype.kind != "f" or len(a) == 0:
+        return
+    limit = np.finfo(np.float32).max
+    step = max(1, chunk_bytes // max(1, a[:1].nbytes))
+    for start in range(0, len(a), step):
+        chunk = np.asarray(a[start : start + step]).reshape(min(step, len(a) - start), -1)
+        bad = ~(np.abs(chunk) <= limit)  # NaN compares False
+        if bad.any():
+            row = start + int(np.argwhere(bad)[0][0])
+            raise ZerotuneError(f"{name} holds NaN, an infinity or a value beyond float32 (first in row {row})",
+                                path=path)
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:

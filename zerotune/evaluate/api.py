@@ -72,27 +72,43 @@ def _split_of(task: SupervisedTask, split: str, loaded: LoadedRun) -> Split:
     return examples
 
 
-def evaluate(run: str | Path, data: str | None = None, split: str = "test", plots: bool = True) -> dict[str, Any]:
-    """Evaluate a run; write ``RUN/eval.json`` (and the confusion matrix plot) and return the metrics.
+def evaluate(run: str | Path, data: str | None = None, split: str = "test", plots: bool = True,
+             output: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Evaluate a run; write the metrics as JSON (and the confusion matrix plot) and return them.
 
     Classification: loss, accuracy, precision, recall, f1 (macro), top-5 accuracy, AUROC, per-class
     scores and the confusion matrix. Regression: loss, mse, mae, r2. Language models: loss and
     perplexity on the val split of their shards. Always ``split`` and ``n``.
 
+    ``output`` defaults to ``RUN/eval.json``, with the plot in ``RUN/plots/confusion_matrix.png``;
+    elsewhere the plot is ``NAME_confusion_matrix.png`` beside it. Existing ones are replaced only
+    with ``overwrite`` (an earlier evaluation is not lost by a second one on other data).
+
     Example:
         >>> zerotune.evaluate("runs/digits_mlp")["accuracy"]
-        >>> zerotune.evaluate("runs/digits_mlp", data="csv:new.csv")   # other data, the run's normalisation
+        >>> zerotune.evaluate("runs/digits_mlp", data="csv:new.csv", output="new_eval.json")   # the run's normalisation
     """
     if split not in SPLITS:
         raise ZerotuneError(f"--split: expected test, val or train, got {split!r}")
+    source = open_run(run)
+    output = Path(output) if output is not None else source.eval_json
+    plot = None
+    if plots:
+        plot = (source.plots / "confusion_matrix.png" if output == source.eval_json
+                else output.with_name(f"{output.stem}_confusion_matrix.png"))
+    inputs = [*model_inputs(source), *filter(None, [spec_path(data) if data else None])]
+    for path in filter(None, [output, plot]):
+        check_output_file(path, overwrite=overwrite, inputs=inputs)
     loaded = load_run(run)
-    result = measure(loaded, data, split, plots)
-    write_json(loaded.run.eval_json, result)
+    result = measure(loaded, data, split, plot)
+    write_json(output, result)
     return result
 
 
-def measure(loaded: LoadedRun, data: str | None = None, split: str = "test", plots: bool = False) -> dict[str, Any]:
-    """The metrics :func:`evaluate` reports, for a loaded run, without writing eval.json (plots only if asked)."""
+def measure(loaded: LoadedRun, data: str | None = None, split: str = "test",
+            plot: Path | None = None) -> dict[str, Any]:
+    """The metrics :func:`evaluate` reports, for a loaded run, without writing them (a classifier's
+    confusion matrix plot to ``plot`` if given)."""
     task = loaded.meta["task"]
     if task in ("causal_lm", "masked_lm"):
         return evaluate_language_model(loaded, data)
@@ -117,8 +133,8 @@ def measure(loaded: LoadedRun, data: str | None = None, split: str = "test", plo
     result["per_class"] = M.per_class(out, y, loaded.info.classes)
     cm = M.confusion_matrix(out, y)
     result["confusion_matrix"] = cm.tolist()
-    if plots:
-        plot_confusion_matrix(cm, loaded.info.classes, loaded.run.plots / "confusion_matrix.png")
+    if plot is not None:
+        plot_confusion_matrix(cm, loaded.info.classes, plot)
     return result
 
 

@@ -164,9 +164,10 @@ def _normalise(name: str) -> str:
     return name
 
 
-def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path | str,
-               origin: dict[str, Path] | None = None) -> None:
-    """Copy Hugging Face tensors into ``model`` (BERT or BERTMaskedLM), checking names and shapes.
+def matched_state(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path | str,
+                  origin: dict[str, Path] | None = None) -> dict[str, torch.Tensor]:
+    """Hugging Face tensors as ``model``'s state dict (BERT or BERTMaskedLM, possibly on the meta
+    device: only its names, shapes and dtypes are read), checking names and shapes.
 
     Errors name the file a tensor came from (``origin``, by its name in ``tensors``), else ``path``.
     """
@@ -197,7 +198,7 @@ def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path | 
         if hf_name not in used and not _IGNORED.match(hf_name):
             raise ZerotuneError(f"unexpected tensor {hf_name!r} (not part of a BERT model)",
                                 path=where.get(hf_name, path))
-    model.load_state_dict(out, strict=True)
+    return out
 
 
 def load_hf_bert(folder: str | Path, head: str = "encoder") -> tuple[nn.Module, BERTConfig]:
@@ -220,15 +221,17 @@ def load_hf_bert(folder: str | Path, head: str = "encoder") -> tuple[nn.Module, 
     tensors, origin = read_weights(folder)
     has_pooler = any(_normalise(k) == "pooler.dense.weight" for k in tensors)
     cfg = cfg.model_copy(update={"pooler": has_pooler})
-    body = BERT(cfg)
-    if head == "encoder":
-        model: nn.Module = body
-    elif head == "masked_lm":
-        model = BERTMaskedLM(body, hf.get("pad_token_id"))
-    else:
+    if head not in ("encoder", "masked_lm"):
         raise ZerotuneError(f"head: expected 'encoder' or 'masked_lm', got {head!r}")
+
+    def build() -> nn.Module:
+        return BERT(cfg) if head == "encoder" else BERTMaskedLM(BERT(cfg), hf.get("pad_token_id"))
+
     files = set(origin.values())
-    load_state(model, tensors, files.pop() if len(files) == 1 else folder, origin)
+    with torch.device("meta"):  # names and shapes checked before a model of config.json's size is allocated
+        matched_state(build(), tensors, files.pop() if len(files) == 1 else folder, origin)
+    model = build()
+    model.load_state_dict(matched_state(model, tensors, folder, origin), strict=True)
     return model.eval(), cfg
 
 
