@@ -113,7 +113,8 @@ CASES = [
     (["evaluate", "{d}/run", "--data", "arrays:{d}/floatlabels.npz"], ["its labels are real numbers, but the model "
                                                                         "is a classifier"]),
     (["evaluate", "{d}/badshape"], ["model.json: data_info: input_shape: expected sizes from 1"]),
-    (["evaluate", "{d}/huge"], ["model.safetensors: tensor 'net.1.weight' has shape", "the model expects (68719476736,"]),
+    (["evaluate", "{d}/huge"], ["model.safetensors: tensor 'net.1.weight' has shape",
+                                "the model expects (68719476736,"]),
     (["generate", "{d}/run", "--prompt", "x", "--temperature", "nan"], ["temperature: expected a finite number"]),
     (["generate", "{d}/run", "--prompt", "x", "--top-p", "inf"], ["top_p: expected a number in (0, 1]"]),
     (["generate", "{d}/run", "--prompt", "x", "--seed", "-3"], ["--seed: expected a whole number from 0"]),

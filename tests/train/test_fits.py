@@ -1,5 +1,5 @@
 """Refusing what cannot fit in memory before training: the activation estimate of
-``zerotune.train.api.activation_bytes`` counts what autograd really keeps."""
+``zerotune.train.memory.activation_bytes`` counts what autograd really keeps."""
 
 from __future__ import annotations
 
@@ -11,10 +11,29 @@ from tests.helpers import write_char_shards
 from zerotune.config import load_config
 from zerotune.errors import ZerotuneError
 from zerotune.models import build_model
-from zerotune.train import api
+from zerotune.train import api, memory
 from zerotune.train.tasks import make_task, resolve_vocab
 
 CPU = torch.device("cpu")
+
+
+def real_saved_bytes(model, task, rows: int) -> int:
+    """What a real CPU forward and loss of ``rows`` zero examples saves for the backward pass,
+    weights (and views of them) left out."""
+    info = task.info
+    x = torch.zeros(rows, *info.input_shape, dtype=torch.long if info.kind == "tokens" else torch.float32)
+    y = torch.zeros(rows, *task.train.y.shape[1:], dtype=task.train.y.dtype) if info.kind != "tokens" else x
+    weights = {id(p) for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if id(t) not in weights and id(t._base) not in weights:
+            saved[id(t)] = t.numel() * t.element_size()
+        return t
+
+    with torch.random.fork_rng(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        task.loss(model(x), y)
+    return sum(saved.values())
 
 
 def task_and_models(cfg):
@@ -48,10 +67,10 @@ def test_the_meta_estimate_is_what_a_real_forward_saves(kind, shards):
            "bert": lm_config(shards, task="masked_lm", hidden=32, layers=2, heads=2, intermediate=64, max_position=32,
                                    dropout=0.0)}[kind]
     _, task, meta, real = task_and_models(cfg)
-    estimate = api.activation_bytes(meta, task, 6, CPU)
-    with torch.random.fork_rng():
-        assert estimate == api.activation_bytes(real, task, 6, CPU)
-    assert api.activation_bytes(meta, task, 12, CPU) == pytest.approx(2 * estimate, rel=0.02)  # linear in the batch
+    estimate = memory.activation_bytes(meta, task, 6, CPU)
+    assert estimate == real_saved_bytes(real, task, 6)
+    assert memory.activation_bytes(real, task, 6, CPU) == estimate  # the real model, its weights swapped for meta
+    assert memory.activation_bytes(meta, task, 12, CPU) == pytest.approx(2 * estimate, rel=0.02)  # linear in the batch
 
 
 def test_an_rnn_is_estimated_from_its_cells():
@@ -59,9 +78,9 @@ def test_an_rnn_is_estimated_from_its_cells():
     oneDNN kernel keeps a workspace whose size is its own. The estimate keeps at least the hidden
     state of every step and grows with the batch."""
     _, task, meta, _ = task_and_models({**tiny_config(), "model": {"arch": "rnn", "cell": "lstm", "hidden": 16}})
-    estimate = api.activation_bytes(meta, task, 48, CPU)
+    estimate = memory.activation_bytes(meta, task, 48, CPU)
     assert estimate >= 48 * 8 * 16 * 4
-    assert api.activation_bytes(meta, task, 96, CPU) == pytest.approx(2 * estimate, rel=0.02)
+    assert memory.activation_bytes(meta, task, 96, CPU) == pytest.approx(2 * estimate, rel=0.02)
 
 
 def test_the_mlp_estimate_matches_hand_math():
@@ -72,7 +91,7 @@ def test_the_mlp_estimate_matches_hand_math():
     _, task, meta, _ = task_and_models(tiny_config())
     b = 48
     hand = b * (64 + 32 + 10) * 4 + b * 8
-    assert hand <= api.activation_bytes(meta, task, b, CPU) <= hand + 16
+    assert hand <= memory.activation_bytes(meta, task, b, CPU) <= hand + 16
 
 
 def test_a_language_model_batch_too_large_for_memory_is_refused_before_work(shards, tmp_path):
@@ -91,9 +110,23 @@ def test_a_language_model_batch_too_large_for_memory_is_refused_before_work(shar
 
 def test_activations_that_do_not_fit_the_memory_there_is_are_refused(monkeypatch, tmp_path):
     cfg, task, _, _ = task_and_models(tiny_config(batch_size=64))
-    monkeypatch.setattr(api, "available_memory", lambda: 16 * 2_410 + 10_000)  # the weights fit, a batch not
+    monkeypatch.setattr(memory, "available_memory", lambda: 16 * 2_410 + 10_000)  # the weights fit, a batch not
     with pytest.raises(ZerotuneError, match="a micro-batch of 64 examples keeps about"):
-        api.check_fits(cfg, task, torch.device("cpu"))
+        memory.check_fits(cfg, task, torch.device("cpu"))
     cfg = load_config(tiny_config(batch_size=64, grad_accum=8))
-    monkeypatch.setattr(api, "available_memory", lambda: 16 * 2_410 + 4_000)
-    api.check_fits(cfg, task, torch.device("cpu"))  # 8 rows a micro-batch: fits
+    monkeypatch.setattr(memory, "available_memory", lambda: 16 * 2_410 + 4_000)
+    memory.check_fits(cfg, task, torch.device("cpu"))  # 8 rows a micro-batch: fits
+
+
+def test_a_fine_tuning_batch_whose_activations_do_not_fit_is_refused(monkeypatch, tmp_path):
+    """MiniLM with LoRA: the activations of a micro-batch are counted on its real modules with
+    their weights swapped for meta tensors (the frozen base keeps no weight gradients)."""
+    from zerotune.finetune.api import finetune
+
+    cfg = {"seed": 0, "task": "classification", "data": {"train": "builtin:docstrings", "max_length": 32},
+           "finetune": {"method": "lora"}, "train": {"epochs": 1, "batch_size": 16, "progress": False}}
+    monkeypatch.setattr(memory, "available_memory", lambda: 2**20)
+    with pytest.raises(ZerotuneError, match=r"train.batch_size: a micro-batch of 16 examples keeps about [\d.]+ MiB "
+                                            r"of activations .* more than the 1.00 MiB this cpu has left"):
+        finetune(cfg, "minilm", out=tmp_path / "r", log=lambda *a: None)
+    assert not (tmp_path / "r").exists()

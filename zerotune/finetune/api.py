@@ -32,6 +32,7 @@ from zerotune.load import load_source_model, source_name
 from zerotune.models.heads import SequenceClassifier
 from zerotune.run import Run, save_model, write_model_json
 from zerotune.train.api import build_from_scratch
+from zerotune.train.memory import check_activations_fit
 from zerotune.train.parallel import Parallel
 from zerotune.train.runner import Setup, default_out, is_finetuning, open_to_resume, resume_run, run_training
 from zerotune.train.tasks import Task, make_task
@@ -67,6 +68,7 @@ def build_finetuned(cfg: Config, par: Parallel, root: Path, resuming: bool) -> S
         task = finetune_task(cfg, pre, device)  # validates the data before any folder is touched
     model, lora = adapted_model(pre, cfg.task, task.info, ft)
     model = model.to(device)
+    check_activations_fit(model, cfg, task, device, par.world_size)
     if text and not resuming:
         cfg = _with_tokenizer(cfg, Run(root).tokenizer.resolve())
     trainable, total = F.trainable_count(model), sum(p.numel() for p in model.parameters())
