@@ -62,7 +62,7 @@ def test_train_evaluate_predict_and_no_overwrite(tmp_path, cfg_file):
     p = zt("predict", run, "--input", "builtin:digits", "--output", tmp_path / "pred.csv")
     assert p.returncode == 0, p.stderr
     rows = (tmp_path / "pred.csv").read_text().splitlines()
-    assert rows[0] == "index,prediction,probability" and len(rows) == 1798
+    assert rows[0] == "id,prediction,probability,label" and len(rows) == 1798
     one_line_error(zt("train", "--resume", run, "--set", "train.epochs=2"), "--resume")
     assert zt("train", "--resume", run).returncode == 0
 

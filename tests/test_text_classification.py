@@ -1,9 +1,11 @@
 """Text classification end to end: a CSV of texts → word vocabulary → RNN → evaluate → predict."""
 
 import csv
+import json
 import random
 
-from zerotune.evaluate.api import evaluate, predict
+from zerotune.evaluate.api import evaluate
+from zerotune.evaluate.predict import predict
 from zerotune.train.api import train
 
 POS = ["great", "lovely", "excellent", "superb", "wonderful"]
@@ -39,7 +41,18 @@ def test_rnn_learns_a_text_csv_and_predicts_with_its_own_vocabulary(tmp_path):
     with open(tmp_path / "new.csv", "w") as f:
         f.write("text\nthe film was superb\nthe plot was dreadful\n")
     rows = (predict(run, str(tmp_path / "new.csv"))).read_text().splitlines()
-    assert [r.split(",")[1] for r in rows[1:]] == ["pos", "neg"]
+    assert rows[0] == "id,prediction,probability" and [r.split(",")[1] for r in rows[1:]] == ["pos", "neg"]
+    # a text file is one example per non-empty line, named FILE:LINE, the text beside its prediction
+    (tmp_path / "notes.txt").write_text("the film was superb\n\nthe plot was dreadful\n")
+    out = predict(run, str(tmp_path / "notes.txt"), tmp_path / "notes.jsonl", top_k=2)
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(g["id"], g["prediction"], g["text"]) for g in got] == [
+        (f"{tmp_path / 'notes.txt'}:1", "pos", "the film was superb"),
+        (f"{tmp_path / 'notes.txt'}:3", "neg", "the plot was dreadful")]
+    assert all(g["top_k"][0] == [g["prediction"], g["probability"]] and len(g["top_k"]) == 2 for g in got)
+    # a labelled file: its labels come back beside the predictions
+    labelled = list(csv.DictReader(open(predict(run, str(tmp_path / "test.csv"), tmp_path / "t.csv"))))
+    assert len(labelled) == 100 and sum(r["label"] == r["prediction"] for r in labelled) >= 95
 
 
 def test_evaluate_on_another_text_file_uses_the_runs_vocabulary(tmp_path):

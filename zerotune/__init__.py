@@ -41,7 +41,7 @@ VERBS = {
     "resume": ("zerotune.finetune.api", "resume"),
     "finetune": ("zerotune.finetune.api", "finetune"),
     "evaluate": ("zerotune.evaluate.api", "evaluate"),
-    "predict": ("zerotune.evaluate.api", "predict"),
+    "predict": ("zerotune.evaluate.predict", "predict"),
     "generate": ("zerotune.generate", "generate_text"),
     "export": ("zerotune.interop.export", "export"),
     "prune": ("zerotune.compress.api", "prune"),

@@ -145,9 +145,9 @@ def _evaluate(a: argparse.Namespace) -> int:
 
 
 def _predict(a: argparse.Namespace) -> int:
-    from zerotune.evaluate.api import predict
+    from zerotune.evaluate.predict import predict
 
-    print(f"predictions: {predict(a.run, a.input, a.output, overwrite=a.overwrite)}")
+    print(f"predictions: {predict(a.run, a.input, a.output, overwrite=a.overwrite, top_k=a.top_k, format=a.format)}")
     return 0
 
 
@@ -325,11 +325,22 @@ def build_parser() -> Parser:
     s.add_argument("--overwrite", action="store_true", help="replace an existing metrics file and plot")
     s.set_defaults(fn=_evaluate)
 
-    s = sub.add_parser("predict", help="predictions of a classifier/regressor as CSV")
+    s = sub.add_parser("predict", help="predictions of a classifier/regressor as CSV or JSONL",
+                       description="One row per example: id (the file, or the row), prediction, probability, the "
+                                   "next classes with --top-k, and the true label where the input has one.",
+                       epilog="examples:\n"
+                              "  zerotune predict runs/digits_mlp --input builtin:digits --output preds.csv\n"
+                              "  zerotune predict runs/cnn --input photos/*.png --top-k 3 --format jsonl\n"
+                              "  zerotune predict runs/minilm_classify --input notes.txt   # one text per line",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("run", help="run folder")
-    s.add_argument("--input", required=True, help="a .csv/.npz/.jsonl file or a data spec")
-    s.add_argument("--output", help="CSV to write (default RUN/predictions.csv)")
+    s.add_argument("--input", required=True, nargs="+", metavar="PATH",
+                   help="image files, a folder (of images, or of class sub-folders), a quoted glob, a "
+                        ".csv/.jsonl/.npz file, a .txt file of text lines, or a data spec")
+    s.add_argument("--output", help="file to write (default RUN/predictions.csv or .jsonl)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    s.add_argument("--top-k", type=whole(1, 2**31), default=1, help="also list the next K-1 most probable classes")
+    s.add_argument("--format", choices=["csv", "jsonl"], help="csv (default) or jsonl (default for a .jsonl --output)")
     s.set_defaults(fn=_predict)
 
     s = sub.add_parser("generate", help="sample text from a trained decoder (KV cache, streaming)",

@@ -58,7 +58,7 @@ def test_predict_never_writes_over_the_runs_weights(run, capsys, tmp_path):
                   "p.csv: already exists; pass --overwrite")
     assert out.read_text() == "mine"
     assert main(["predict", str(run), "--input", "builtin:digits", "--output", str(out), "--overwrite"]) == 0
-    assert out.read_text().startswith("index,prediction,probability")
+    assert out.read_text().startswith("id,prediction,probability")
 
 
 def test_evaluate_keeps_an_earlier_evaluation_unless_told(run, capsys, tmp_path):

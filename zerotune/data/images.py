@@ -95,6 +95,13 @@ class ImageFiles(LazyRows):
             return _to_tensor(list(pool.map(read, rows)), self.grey)
 
 
+def image_tensor(files: list[Path], size: tuple[int, int], grey: bool) -> torch.Tensor:
+    """The images of ``files`` as float32 (N, C, H, W), 0..255, resized to ``size`` (W, H) and
+    converted to one channel (``grey``) or three; a file that cannot be decoded is named."""
+    mode = "L" if grey else "RGB"
+    return _to_tensor([_pixels(_open(p), size, mode) for p in files], grey)
+
+
 def load_images(arg: str, cfg: DataConfig | None = None) -> Source:
     """``images:DIR`` → Source of float32 (N, C, H, W) images (a tensor or :class:`ImageFiles`) and class ids."""
     root = Path(arg)

@@ -1,4 +1,4 @@
-"""``zerotune.evaluate`` and ``zerotune.predict``: metrics for a trained run, predictions to CSV.
+"""``zerotune.evaluate``: metrics for a trained run (predictions: :mod:`zerotune.evaluate.predict`).
 
 Without ``data``, ``evaluate`` uses the run's held-out test split, rebuilt exactly from the
 run's own config: ``data.test``, else the source's own test files (IDX t10k, CIFAR
@@ -10,9 +10,6 @@ The loss is the task's own training loss (``train.loss``, ``train.label_smoothin
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +22,7 @@ from zerotune.data.splits import Data, load_data
 from zerotune.errors import ZerotuneError
 from zerotune.evaluate import metrics as M
 from zerotune.evaluate.plots import plot_confusion_matrix
-from zerotune.files import check_output_file, write_json, write_text
+from zerotune.files import check_output_file, write_json
 from zerotune.load import LoadedRun, load_run, model_inputs
 from zerotune.run import open_run
 from zerotune.train.tasks import SupervisedTask, make_sft_task, shard_task, supervised_task
@@ -168,76 +165,3 @@ def evaluate_instructions(loaded: LoadedRun, data: str | None = None) -> dict[st
         raise ZerotuneError("the run has no held-out instructions (set data.val or data.val_split)",
                             path=loaded.run.root)
     return {"split": f"{data} (all)" if data else "val"} | task.evaluate(loaded.model, val)
-
-
-def _csv(rows: list[list[Any]]) -> str:
-    out = io.StringIO(newline="")
-    csv.writer(out).writerows(rows)
-    return out.getvalue()
-
-
-def predict(run: str | Path, input: str, output: str | Path | None = None, overwrite: bool = False) -> Path:
-    """Predict for every example of ``input`` (a data spec or a CSV/NPZ path); write a CSV.
-
-    Classification rows: index, predicted label, its probability. Regression: index, value.
-    ``output`` (default ``RUN/predictions.csv``) may not be one of the run's files or the input; an
-    existing one is replaced only with ``overwrite``.
-
-    Example:
-        >>> zerotune.predict("runs/digits_mlp", "new.csv", "preds.csv")   # -> Path("preds.csv")
-    """
-    source = open_run(run)
-    spec = input if ":" in input.split("/")[0] else _spec_for_path(input)
-    output = Path(output) if output else source.root / "predictions.csv"
-    check_output_file(output, overwrite=overwrite, inputs=[*model_inputs(source), *filter(None, [spec_path(spec)])])
-    loaded = load_run(run)
-    examples = _external_split_for_predict(loaded, spec)
-    with torch.no_grad():
-        out = torch.cat([loaded.model(examples[i : i + 1024]).float() for i in range(0, len(examples), 1024)])
-    rows: list[list[Any]]
-    if loaded.info.target == "classification":
-        prob, idx = out.softmax(-1).max(-1)
-        header = ["index", "prediction", "probability"]
-        pairs = enumerate(zip(idx.tolist(), prob.tolist(), strict=True))
-        rows = [[i, loaded.info.classes[c], f"{p:.6f}"] for i, (c, p) in pairs]
-    else:
-        values = loaded.preprocess.y_inverse(out.reshape(-1))
-        header, rows = ["index", "prediction"], [[i, f"{float(v):.6g}"] for i, v in enumerate(values)]
-    write_text(output, _csv([header, *rows]))
-    return output
-
-
-def _spec_for_path(path: str) -> str:
-    suffix = Path(path).suffix.lower()
-    kinds = {".csv": "csv", ".npz": "arrays", ".jsonl": "jsonl"}
-    if suffix not in kinds and not Path(path).is_dir():
-        raise ZerotuneError("expected a .csv, .npz or .jsonl file, or a data spec such as images:DIR", path=path)
-    return f"{kinds.get(suffix, 'images')}:{path}"
-
-
-def _external_split_for_predict(loaded: LoadedRun, spec: str) -> torch.Tensor:
-    """Inputs only (labels, if the file has them, are ignored)."""
-    data_cfg = _run_config(loaded).data
-    if not _has_field(spec, data_cfg.label_column):
-        data_cfg = data_cfg.model_copy(update={"label_column": None})
-    source = load_source(spec, data_cfg)
-    x = source.train.x
-    if list(x.shape[1:]) != list(loaded.info.input_shape):
-        raise ZerotuneError(f"{spec}: examples have shape {list(x.shape[1:])}, the model expects "
-                            f"{loaded.info.input_shape}")
-    return loaded.preprocess.x(x)
-
-
-def _has_field(spec: str, name: str | None) -> bool:
-    """Whether a csv:/jsonl: file names ``name`` in its header (first line / first object)."""
-    kind, _, path = spec.partition(":")
-    if kind not in ("csv", "jsonl") or name is None or not Path(path).is_file():
-        return True
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        first = f.readline()
-    if kind == "csv":
-        return name in next(csv.reader([first]), [])
-    try:
-        return name in json.loads(first)
-    except (json.JSONDecodeError, TypeError):
-        return True  # let the loader report the problem
