@@ -83,3 +83,15 @@ def test_rope_scaling_values_are_bounded(scaling, message):
 def test_an_unknown_key_suggests_the_closest_one(override, message):
     with pytest.raises(ZerotuneError, match=f"^config: {re.escape(message)}$"):
         load_config({}, [override])
+
+
+def test_zerotune_set_applies_after_the_overrides_and_says_so(monkeypatch):
+    from zerotune.config import training_overrides
+
+    said = []
+    monkeypatch.setenv("ZEROTUNE_SET", "train.max_steps=3  train.epochs=1")
+    assert training_overrides(["train.epochs=9", "seed=4"], said.append) == {"train.epochs": 1, "seed": 4,
+                                                                             "train.max_steps": 3}
+    assert said == ["ZEROTUNE_SET: train.max_steps=3 train.epochs=1 (applied after the config and --set)"]
+    monkeypatch.setenv("ZEROTUNE_SET", "")
+    assert training_overrides({"seed": 1}, said.append) == {"seed": 1} and len(said) == 1

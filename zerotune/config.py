@@ -18,6 +18,7 @@ overrides are parsed as YAML scalars and validated like the file. Every problem 
 from __future__ import annotations
 
 import difflib
+import os
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -252,6 +253,21 @@ def safe_yaml(text: str, where: object) -> Any:
 def read_yaml(path: str | Path) -> Any:
     """Read a YAML file with ``safe_load``; unreadable, unsafe, malformed or runaway files are a ZerotuneError."""
     return safe_yaml(read_text(path), Path(path))
+
+
+ENV_SET = "ZEROTUNE_SET"  # extra KEY=VALUE assignments (space-separated) the training verbs apply last
+
+
+def training_overrides(overrides: dict[str, Any] | list[str] | None, log=None) -> dict[str, Any]:
+    """The overrides a training verb applies: ``overrides``, then those of ``$ZEROTUNE_SET``
+    (e.g. ``train.max_steps=3`` to try a recipe quickly), which win; ``log`` is told when there are."""
+    merged = dict(parse_overrides(overrides) if isinstance(overrides, list) else overrides or {})
+    extra = os.environ.get(ENV_SET, "").split()
+    if extra:
+        merged |= parse_overrides(extra)
+        if log is not None:
+            log(f"{ENV_SET}: {' '.join(extra)} (applied after the config and --set)")
+    return merged
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from zerotune.config import Config, FinetuneConfig, load_config
+from zerotune.config import Config, FinetuneConfig, load_config, training_overrides
 from zerotune.data.chat import save_chat_template
 from zerotune.data.tokenizer import save_tokenizer
 from zerotune.errors import ZerotuneError
@@ -121,7 +121,7 @@ def finetune(config: str | Path | dict | Config | None = None, source: str | Pat
             raise ZerotuneError("not a fine-tuning run (finetune.source is missing from config.yaml); "
                                 "continue it with: zerotune train --resume", path=run.config)
         return resume_run(run, cfg, build_finetuned, log)
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, training_overrides(overrides, log))
     source = source or (cfg.finetune.source if cfg.finetune is not None else None)  # the recipe may name it
     if source is None:
         raise ZerotuneError("--from: give the model to fine-tune (a run folder, a Hugging Face folder or minilm)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from zerotune.config import Config, load_config
+from zerotune.config import Config, load_config, training_overrides
 from zerotune.errors import ZerotuneError
 from zerotune.models import build_model
 from zerotune.train.memory import check_fits
@@ -51,7 +51,7 @@ def train(config: str | Path | dict | Config | None = None, *, out: str | Path |
         >>> run = zerotune.train("configs/digits_mlp.yaml", overrides=["train.epochs=2"], out="runs/x")
     """
     if resume is None:
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, training_overrides(overrides, log))
         return run_training(cfg, build_from_scratch, root=Path(out or default_out(config, "run")),
                             overwrite=overwrite, log=log)
     run, cfg = open_to_resume(resume)
