@@ -181,7 +181,8 @@ def _prepare(a: argparse.Namespace) -> int:
     from zerotune.data.shards import prepare
 
     counts = prepare(a.input, a.tokenizer, a.out, val_fraction=a.val_fraction, seed=a.seed, min_chars=a.min_chars,
-                     max_chars=a.max_chars, text_field=a.text_field, overwrite=a.overwrite)
+                     max_chars=a.max_chars, split_chars=a.split_chars, text_field=a.text_field,
+                     overwrite=a.overwrite)
     print("  ".join(f"{k} {v:,}" for k, v in counts.items() if isinstance(v, int)))
     print(f"shards: {a.out}  (train with data.train=shards:{a.out})")
     return 0
@@ -396,14 +397,17 @@ def build_parser() -> Parser:
 
     s = sub.add_parser("prepare", help="tokenize a corpus into memory-mapped token shards for pretraining",
                        description="Example: zerotune prepare --input builtin:pydoc --tokenizer runs/tok "
-                       "--out runs/pydoc-shards")
+                       "--out runs/pydoc-shards --split-chars 1000 --val-fraction 0.1")
     s.add_argument("--input", required=True, metavar="SPEC", help="text:FILE|DIR, jsonl:FILE, builtin:pydoc|stdlib")
     s.add_argument("--tokenizer", required=True, metavar="DIR", help="a tokenizer.json or its folder")
     s.add_argument("--out", required=True, metavar="DIR")
-    s.add_argument("--val-fraction", type=float, default=0.01)
+    s.add_argument("--val-fraction", type=float, default=0.01, help="expected fraction of documents held out")
     s.add_argument("--seed", type=SEED, default=0)
-    s.add_argument("--min-chars", type=whole(0), default=1)
-    s.add_argument("--max-chars", type=whole(1), default=None)
+    s.add_argument("--min-chars", type=whole(0), default=1, help="drop documents shorter than this")
+    s.add_argument("--max-chars", type=whole(1), default=None, help="drop documents longer than this")
+    s.add_argument("--split-chars", type=whole(1, 2**31), default=None, metavar="N",
+                   help="cut longer documents into pieces of at most N characters at paragraph breaks, each a "
+                        "document (for a corpus of few long documents: many to hold out)")
     s.add_argument("--text-field", default="text")
     s.add_argument("--overwrite", action="store_true", help="replace existing shards")
     s.set_defaults(fn=_prepare)

@@ -95,10 +95,13 @@ def pretrain_stage(out: Path, quick: bool, log=print) -> dict:
     log("\n== language-model pretraining: a tiny GPT on CPython's bundled documentation ==")
     start = time.perf_counter()
     train_tokenizer("builtin:pydoc", 2048, out / "pydoc-tokenizer", kind="bytelevel-bpe", progress=False)
-    counts = prepare("builtin:pydoc", out / "pydoc-tokenizer", out / "pydoc-shards", val_fraction=0.05,
-                     progress=False)
+    # the 79 topics cut at paragraph breaks into pieces of ≤ 1,000 characters: about 570 documents,
+    # so that the val split holds dozens of them, not one or two topics
+    counts = prepare("builtin:pydoc", out / "pydoc-tokenizer", out / "pydoc-shards", val_fraction=0.1,
+                     split_chars=1000, progress=False)
     log(f"tokenizer: byte-level BPE, 2,048 tokens · shards: {counts['train_tokens']:,} train / "
-        f"{counts['val_tokens']:,} val tokens from {counts['kept']} documents")
+        f"{counts['val_tokens']:,} val tokens from {counts['train_documents']} / {counts['val_documents']} "
+        "documents (pydoc topics cut at paragraph breaks into pieces of ≤ 1,000 characters)")
     cfg = {"seed": 0, "task": "causal_lm",
            "data": {"train": f"shards:{out / 'pydoc-shards'}", "eval_batches": 8},
            "model": GPT,
@@ -107,8 +110,9 @@ def pretrain_stage(out: Path, quick: bool, log=print) -> dict:
            "train": {"epochs": None, "max_steps": 120 if quick else 700, "batch_size": 16, "grad_clip": 1.0,
                      "eval_every": 60 if quick else 100, "log_every": 20, "metrics": [], "progress": False}}
     run = train(cfg, out=out / "pydoc_gpt", log=log)
-    result = evaluate(run)
-    log(f"val loss {result['loss']:.3f} nats/token · perplexity {result['perplexity']:.1f}")
+    result = evaluate(run) | {"val_documents": counts["val_documents"]}
+    log(f"val loss {result['loss']:.3f} nats/token · perplexity {result['perplexity']:.1f} "
+        f"(all {result['n']:,} tokens of the {counts['val_documents']} val documents)")
     for prompt in PROMPTS:
         text = generate_text(run, [prompt], max_new_tokens=40, temperature=0.8, top_k=40, seed=0)[0]
         log(f"  » {prompt}{text}".replace("\n", " ⏎ ")[:160])

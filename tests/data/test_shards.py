@@ -9,9 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from zerotune.data.shards import ShardDataset, prepare
+from zerotune.data.text import split_document
 from zerotune.data.tokenizer import train_tokenizer
 from zerotune.errors import ZerotuneError
 
@@ -386,3 +389,36 @@ def test_a_token_id_outside_the_vocabulary_is_an_error_naming_the_folder(prepare
     ds = ShardDataset(prepared)
     with pytest.raises(ZerotuneError, match=r"p: the train shards hold token id 60000, outside the vocabulary of 320"):
         list(ds.eval_batches(4, 8))
+
+
+def test_a_corpus_of_one_long_document_is_split_into_many_at_paragraph_breaks(tmp_path, tok_dir):
+    """--split-chars: one document of 40 paragraphs becomes pieces of at most 120 characters that
+    end at paragraph breaks; validation then holds many of them, and the pieces are the text."""
+    text = "\n\n".join(BODY)
+    spec = write_jsonl(tmp_path / "one.jsonl", [text])
+    whole = prepare(spec, tok_dir, tmp_path / "whole", val_fraction=0.3, progress=False)
+    assert (whole["read"], whole["train_documents"] + whole["val_documents"]) == (1, 1)
+    counts = prepare(spec, tok_dir, tmp_path / "split", val_fraction=0.5, split_chars=120, progress=False)
+    ref = reference_tokenizer(tok_dir)
+    eos = ref.token_to_id("<|eos|>")
+    pieces = [ref.decode(d, skip_special_tokens=False) for split in ("train", "val")
+              for d in split_docs(read_split(tmp_path / "split", split), eos)]
+    assert counts["read"] == len(pieces) == 20 and 5 <= counts["val_documents"] <= 15
+    assert all(len(p) <= 120 and (p.endswith("\n\n") or text.endswith(p)) for p in pieces)
+    assert sorted(pieces) == sorted(split_document(text, 120))
+    assert json.loads((tmp_path / "split" / "index.json").read_text())["split_chars"] == 120
+
+
+@given(text=st.text(alphabet="ab \n", max_size=300), n=st.integers(1, 40))
+@settings(max_examples=200, deadline=None)
+def test_split_document_pieces_join_back_to_the_text(text, n):
+    pieces = split_document(text, n)
+    assert "".join(pieces) == text and all(1 <= len(p) <= n for p in pieces if text)
+    for a, b in zip(pieces, pieces[1:]):  # packed: the next piece's first paragraph did not fit
+        first = b.split("\n\n")[0] + ("\n\n" if "\n\n" in b else "")
+        assert len(a) + len(first) > n or len(first) > n or not a.endswith("\n\n")
+
+
+def test_split_chars_is_bounded(tmp_path, tok_dir):
+    with pytest.raises(ZerotuneError, match="split_chars must be a whole number from 1 to 2\\*\\*31, got 0"):
+        prepare(write_jsonl(tmp_path / "c.jsonl", BODY), tok_dir, tmp_path / "s", split_chars=0, progress=False)

@@ -2,7 +2,10 @@
 
 :func:`prepare` streams the documents of a text spec once:
 
-1. Unicode NFC normalisation, then length filters (``min_chars`` ≤ len ≤ ``max_chars``);
+1. with ``split_chars``, documents longer than that are cut into pieces that end at paragraph
+   breaks (:func:`zerotune.data.text.split_document`), each a document from here on, so a corpus
+   of one or a few long documents still has many to hold out for validation;
+   then Unicode NFC normalisation and length filters (``min_chars`` ≤ len ≤ ``max_chars``);
 2. exact duplicates dropped by content hash (BLAKE2b, 128 bits; the only state that grows with
    the corpus is this set of hashes, about 100 bytes per document);
 3. each document goes to ``val`` when ``h(seed, text) / 2**64 < val_fraction``, else to ``train``:
@@ -39,7 +42,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from zerotune.data.base import spec_path
-from zerotune.data.text import iter_documents
+from zerotune.data.text import iter_documents, split_document
 from zerotune.data.tokenizer import load_tokenizer, save_tokenizer, special_ids, tokenizer_file
 from zerotune.errors import ZerotuneError
 from zerotune.files import check_output, copy_file, fsync_file, read_json_object, staged_folder, write_json
@@ -125,6 +128,7 @@ def prepare(
     seed: int = 0,
     min_chars: int = 1,
     max_chars: int | None = None,
+    split_chars: int | None = None,
     batch_docs: int = 256,
     shard_tokens: int = 50_000_000,
     progress: bool = True,
@@ -141,6 +145,8 @@ def prepare(
         seed: salts the train/val assignment.
         min_chars: documents shorter than this (after NFC) are dropped.
         max_chars: documents longer than this are dropped (None: no limit).
+        split_chars: cut documents longer than this into pieces of at most this many characters,
+            ending at paragraph breaks (None: keep documents whole); applied before the filters.
         batch_docs: documents encoded per ``encode_batch`` call.
         shard_tokens: tokens per shard file.
         progress: show a progress bar (bytes of text, MB/s) on stderr.
@@ -148,14 +154,15 @@ def prepare(
         overwrite: replace a finished shard folder.
 
     Returns:
-        The counts: ``read``, ``kept``, ``duplicate``, ``too_short``, ``too_long`` documents,
+        The counts: ``read`` (documents, or pieces with ``split_chars``), ``kept``, ``duplicate``,
+        ``too_short``, ``too_long`` documents,
         ``bytes`` of kept text, and ``{split}_documents`` / ``{split}_tokens`` for train and val.
 
     Raises:
         ZerotuneError: bad arguments, tokenizer or corpus; an existing shard folder.
 
     Example:
-        >>> zerotune.prepare("builtin:pydoc", "runs/tok", "runs/pydoc-shards", val_fraction=0.05)["train_tokens"]
+        >>> zerotune.prepare("builtin:pydoc", "runs/tok", "runs/pydoc-shards", split_chars=1000, val_fraction=0.1)
     """
     if not 0 <= val_fraction < 1:
         raise ZerotuneError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -163,6 +170,8 @@ def prepare(
         raise ZerotuneError(
             f"need 0 <= min_chars <= max_chars, got min_chars={min_chars}, max_chars={max_chars}"
         )
+    if split_chars is not None and not 1 <= split_chars <= 2**31:
+        raise ZerotuneError(f"split_chars must be a whole number from 1 to 2**31, got {split_chars}")
     if not 0 <= seed < 2**32:
         raise ZerotuneError(f"seed must be a whole number in [0, 2**32), got {seed}")
     if batch_docs < 1 or shard_tokens < 1:
@@ -181,6 +190,8 @@ def prepare(
     dtype_name = "uint16" if vocab_size <= 2**16 else "uint32"
     dtype = DTYPES[dtype_name]
     documents = iter_documents(input_spec, text_field)
+    if split_chars is not None:
+        documents = (piece for doc in documents for piece in split_document(doc, split_chars))
 
     out_dir = Path(out_dir)
     inputs = [p for p in (spec_path(input_spec), tok_source) if p is not None]
@@ -273,6 +284,7 @@ def prepare(
             "tokenizer": "tokenizer.json",
             "seed": seed,
             "val_fraction": val_fraction,
+            "split_chars": split_chars,
             "counts": {k: counts[k] for k in ("read", "kept", "duplicate", "too_short", "too_long", "bytes")},
             "splits": splits,
         }
@@ -384,6 +396,10 @@ class ShardDataset:
 
     def __repr__(self) -> str:
         return f"ShardDataset({str(self.dir)!r}, split={self.split!r}, n_tokens={self.n_tokens})"
+
+    def tokens(self) -> np.ndarray:
+        """The whole split, shard after shard, as one array (read into memory)."""
+        return np.concatenate([np.asarray(m) for m in self._maps]) if self._maps else np.zeros(0, self.dtype)
 
     def _gather(self, index: np.ndarray) -> np.ndarray:
         """Tokens at global positions ``index`` (any shape), read across shard boundaries."""

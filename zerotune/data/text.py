@@ -9,6 +9,9 @@ A text spec is ``KIND:ARG``:
     builtin:pydoc     CPython's bundled documentation topics (``pydoc_data.topics``), sorted by topic
     builtin:stdlib    the standard library's own ``.py`` source files, sorted by path
 
+:func:`split_document` cuts a long document into pieces of bounded length that end at paragraph
+breaks, for a corpus of one or a few long documents (``prepare --split-chars``).
+
 Documents are produced one at a time and never collected, so a corpus of any size streams
 through in the memory of its largest document. A single text file over ``LARGE_FILE_BYTES``
 is a corpus in itself: it is read line by line and cut into documents of about
@@ -18,6 +21,7 @@ is a corpus in itself: it is read line by line and cut into documents of about
 from __future__ import annotations
 
 import os
+import re
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,3 +173,32 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
                 f"line {n}: field {field!r} holds an unpaired surrogate escape", path=path
             ) from None
         yield text
+
+
+def split_document(text: str, max_chars: int) -> list[str]:
+    """``text`` cut into pieces of at most ``max_chars`` characters: paragraphs (ending at a blank
+    line) are packed together while they fit; a longer paragraph is cut at line ends, a longer
+    line every ``max_chars`` characters. Joined back, the pieces are ``text``.
+
+    Example:
+        >>> split_document("one\n\ntwo\n\nthree", 8)
+        ['one\n\n', 'two\n\n', 'three']
+    """
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be at least 1, got {max_chars}")
+    if len(text) <= max_chars:
+        return [text]
+    units: list[str] = []
+    for paragraph in re.split(r"(?<=\n\n)", text):
+        if len(paragraph) <= max_chars:
+            units.append(paragraph)
+            continue
+        for line in paragraph.splitlines(keepends=True):
+            units += [line[i : i + max_chars] for i in range(0, len(line), max_chars)]
+    pieces, current = [], ""
+    for unit in units:
+        if current and len(current) + len(unit) > max_chars:
+            pieces.append(current)
+            current = ""
+        current += unit
+    return pieces + [current] if current else pieces
