@@ -414,7 +414,7 @@ def test_a_corpus_of_one_long_document_is_split_into_many_at_paragraph_breaks(tm
 def test_split_document_pieces_join_back_to_the_text(text, n):
     pieces = split_document(text, n)
     assert "".join(pieces) == text and all(1 <= len(p) <= n for p in pieces if text)
-    for a, b in zip(pieces, pieces[1:]):  # packed: the next piece's first paragraph did not fit
+    for a, b in zip(pieces, pieces[1:], strict=False):  # packed: the next piece's first paragraph did not fit
         first = b.split("\n\n")[0] + ("\n\n" if "\n\n" in b else "")
         assert len(a) + len(first) > n or len(first) > n or not a.endswith("\n\n")
 

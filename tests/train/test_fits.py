@@ -130,3 +130,13 @@ def test_a_fine_tuning_batch_whose_activations_do_not_fit_is_refused(monkeypatch
                                             r"of activations .* more than the 1.00 MiB this cpu has left"):
         finetune(cfg, "minilm", out=tmp_path / "r", log=lambda *a: None)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_bf16_run_is_counted_at_half_the_activation_bytes(monkeypatch):
+    cfg, task, meta, _ = task_and_models(tiny_config(batch_size=64))
+    rows, fp32, dtype = memory.activations_of(meta, cfg, task, CPU, 1)
+    assert (rows, dtype) == (64, "fp32") and fp32 == memory.activation_bytes(meta, task, 64, CPU)
+    bf16 = load_config(tiny_config(batch_size=64, precision="bf16"))
+    assert memory.activations_of(meta, bf16, task, CPU, 1)[1:] == (fp32 // 2, "bf16")
+    # on a GPU, precision auto is bf16 autocast; 2 processes halve each one's share of the batch
+    assert memory.micro_batch(load_config(tiny_config(batch_size=64)), task, torch.device("cuda"), 2) == (32, "bf16")

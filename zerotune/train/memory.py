@@ -95,6 +95,23 @@ def activation_bytes(model: nn.Module, task, rows: int, device: torch.device) ->
     return sum(saved.values())
 
 
+def micro_batch(cfg: Config, task, device: torch.device, world_size: int) -> tuple[int, str]:
+    """Rows in one micro-batch of one process (a data set smaller than a batch is one batch), and
+    the dtype its activations are kept in: bf16 under the loop's autocast, else fp32."""
+    t = cfg.train
+    batch = min(t.batch_size, getattr(task, "n", t.batch_size))
+    half = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")  # as loop.autocast_for
+    return math.ceil(math.ceil(batch / world_size) / t.grad_accum), "bf16" if half else "fp32"
+
+
+def activations_of(model: nn.Module, cfg: Config, task, device: torch.device, world_size: int):
+    """(rows, bytes, dtype) of one micro-batch's activations; bytes None when not estimated. Under
+    bf16 autocast the count of the fp32 forward is halved (most saved tensors are bf16 there)."""
+    rows, dtype = micro_batch(cfg, task, device, world_size)
+    acts = activation_bytes(model, task, rows, device)
+    return rows, None if acts is None else acts // (2 if dtype == "bf16" else 1), dtype
+
+
 def check_fits(cfg: Config, task, device: torch.device, world_size: int = 1) -> None:
     """Refuse a model that cannot fit in the memory of ``device`` before any of it is allocated:
     its weights, gradients and AdamW moments (4 fp32 copies), counted on the meta device, plus
@@ -108,30 +125,24 @@ def check_fits(cfg: Config, task, device: torch.device, world_size: int = 1) -> 
         raise ZerotuneError(f"model: {n:,} parameters need about {state / 2**30:,.1f} GiB for weights, gradients and "
                             f"optimizer state, more than the {have / 2**30:,.1f} GiB this {device.type} has; make it "
                             "smaller")
-    t = cfg.train
-    batch = min(t.batch_size, getattr(task, "n", t.batch_size))  # a data set smaller than a batch is one batch
-    rows = math.ceil(math.ceil(batch / world_size) / t.grad_accum)  # one micro-batch of one process
-    acts = activation_bytes(model, task, rows, device)
+    rows, acts, dtype = activations_of(model, cfg, task, device, world_size)
     if acts is not None and state + acts > have:
         raise ZerotuneError(
             f"train.batch_size: a micro-batch of {rows:,} examples keeps about {human(acts, 'B')} of activations for "
-            f"the backward pass (fp32), which with {human(state, 'B')} of weights, gradients and optimizer state is "
-            f"more than the {human(have, 'B')} this {device.type} has; lower train.batch_size, raise "
+            f"the backward pass ({dtype}), which with {human(state, 'B')} of weights, gradients and optimizer state "
+            f"is more than the {human(have, 'B')} this {device.type} has; lower train.batch_size, raise "
             "train.grad_accum (same update, smaller micro-batches) or make the model smaller")
 
 
 def check_activations_fit(model: nn.Module, cfg: Config, task, device: torch.device, world_size: int = 1) -> None:
     """For a model already in memory (fine-tuning): refuse a micro-batch whose activations, with the
     gradients and AdamW moments of the trainable weights (3 fp32 copies), exceed what is left."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    state = 12 * trainable
-    have = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory())
-    t = cfg.train
-    rows = math.ceil(math.ceil(min(t.batch_size, getattr(task, "n", t.batch_size)) / world_size) / t.grad_accum)
-    acts = activation_bytes(model, task, rows, device)
+    state = 12 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    have = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
+    rows, acts, dtype = activations_of(model, cfg, task, device, world_size)
     if acts is not None and state + acts > have:
         raise ZerotuneError(
             f"train.batch_size: a micro-batch of {rows:,} examples keeps about {human(acts, 'B')} of activations for "
-            f"the backward pass (fp32), which with {human(state, 'B')} of gradients and optimizer state is more "
+            f"the backward pass ({dtype}), which with {human(state, 'B')} of gradients and optimizer state is more "
             f"than the {human(have, 'B')} this {device.type} has left; lower train.batch_size or raise "
             "train.grad_accum (same update, smaller micro-batches)")
