@@ -72,6 +72,9 @@ def test_a_folder_of_class_folders_a_glob_and_jsonl(image_run, tmp_path):
     assert all(r["label"] == r["id"].split("/")[-2] for r in rows)  # the true label is the folder's name
     assert sum(r["label"] == r["prediction"] for r in rows) / n > 0.9
     assert all(len(r["top_k"]) == 2 and r["top_k"][0] == [r["prediction"], r["probability"]] for r in rows)
+    spec_rows = [json.loads(line) for line in predict(run, f"images:{root / 'img'}", tmp_path / "s.jsonl",
+                                                         top_k=2).read_text().splitlines()]
+    assert spec_rows == rows  # the data spec names its rows by their files too
     glob_rows = list(csv.DictReader(open(predict(run, str(root / "img" / "1" / "*.png"), tmp_path / "g.csv"))))
     ones = [r for r in rows if r["label"] == "1"]
     assert [r["id"] for r in glob_rows] == [r["id"] for r in ones]

@@ -106,7 +106,7 @@ def expand(items: list[str]) -> list[Path]:
 
 def is_spec(item: str) -> bool:
     kind, sep, _ = item.partition(":")
-    return bool(sep) and kind in SOURCES or kind == "shards"
+    return bool(sep) and kind in SOURCES
 
 
 def read_examples(loaded: LoadedRun, items: list[str], files: list[Path]) -> Examples:
@@ -122,6 +122,8 @@ def read_examples(loaded: LoadedRun, items: list[str], files: list[Path]) -> Exa
     if len(items) != 1:
         raise ZerotuneError("--input: several inputs must all be image files (or one file, folder or data spec)")
     item = items[0]
+    if item.startswith("images:"):  # rows named by their files, labelled by their folders
+        return folder_examples(loaded, files[0])
     if not is_spec(item) and Path(item).suffix.lower() == ".txt":
         return text_examples(loaded, Path(item))
     return table_examples(loaded, item if is_spec(item) else spec_for(Path(item)))
