@@ -131,13 +131,13 @@ def rebuild_model(run: Run, meta: dict[str, Any], info: DataInfo) -> nn.Module:
         if "base" not in meta or not isinstance(meta.get("lora"), dict):
             raise ZerotuneError("a LoRA run's model.json needs 'base' and 'lora' (an object)", path=run.model_json)
         s, adapter = meta["lora"], load_weights(run.adapter)
-        saved = {k: s[k] for k in ("r", "alpha", "dropout", "targets") if k in s}
-        if len(saved) < 4:
-            missing = next(k for k in ("r", "alpha", "dropout", "targets") if k not in s)
-            raise ZerotuneError(f"lora.{missing}: required key is missing", path=run.model_json)
+        keys = ("r", "alpha", "dropout", "targets")  # what the run saved; "modules" and "also" are derived
+        missing = [k for k in keys if k not in s]
+        if missing:
+            raise ZerotuneError(f"lora.{missing[0]}: required key is missing", path=run.model_json)
         try:
             ft = FinetuneConfig(method=meta["method"], qlora_bits=meta.get("qlora_bits", 4), pooling=pooling,
-                                lora=LoRAConfig.model_validate(saved))
+                                lora=LoRAConfig.model_validate({k: s[k] for k in keys}))
         except ValidationError as e:
             err = e.errors()[0]
             loc = err["loc"] if err["loc"][:1] == ("lora",) else ("lora", *err["loc"])
