@@ -33,6 +33,8 @@ import re
 import sys
 import types
 
+from zerotune.errors import ZerotuneError
+
 __version__ = "0.1.0"
 
 # verb -> (module, function)
@@ -82,9 +84,8 @@ def _in_python_words(fn):
     def verb(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except Exception as e:
-            if e.args and isinstance(e.args[0], str) and type(e).__module__ == "zerotune.errors":
-                e.args = (speak_python(e.args[0]), *e.args[1:])
+        except ZerotuneError as e:
+            e.args = (speak_python(str(e)),)
             raise
 
     return verb
