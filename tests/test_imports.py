@@ -128,6 +128,8 @@ FORBIDDEN = [
     (("run",), ("finetune", "compress", "train", "load", "interop", "evaluate", "data", "models"),
      "run.py is the run folder only"),
     (("interop",), ("train",), "formats do not depend on the loop"),
+    (("models", "data", "config", "run", "train", "finetune", "evaluate", "compress", "interop", "load", "generate"),
+     ("serve",), "the server sits on top of loading and generation"),
 ]
 
 

@@ -45,6 +45,8 @@ VERBS = {
     "evaluate": ("zerotune.evaluate.api", "evaluate"),
     "predict": ("zerotune.evaluate.predict", "predict"),
     "generate": ("zerotune.generate", "generate_text"),
+    "serve": ("zerotune.serve.api", "serve"),
+    "chat": ("zerotune.serve.api", "chat"),
     "export": ("zerotune.interop.export", "export"),
     "prune": ("zerotune.compress.api", "prune"),
     "quantize": ("zerotune.compress.api", "quantize"),

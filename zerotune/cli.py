@@ -210,6 +210,23 @@ def _generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(a: argparse.Namespace) -> int:
+    from zerotune.serve.api import serve
+
+    key = a.api_key or os.environ.get("ZEROTUNE_API_KEY") or None
+    serve(a.run, host=a.host, port=a.port, max_batch=a.max_batch, max_queue=a.max_queue, api_key=key,
+          device=a.device, name=a.name, threads=a.threads)
+    return 0
+
+
+def _chat(a: argparse.Namespace) -> int:
+    from zerotune.serve.api import chat
+
+    chat(a.run, system=a.system, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+         top_p=a.top_p, seed=a.seed, device=a.device)
+    return 0
+
+
 def _inspect(a: argparse.Namespace) -> int:
     from zerotune.inspect import inspect_target
 
@@ -357,6 +374,34 @@ def build_parser() -> Parser:
     s.add_argument("--repetition-penalty", type=float, default=1.0)
     s.add_argument("--seed", type=SEED, default=None, help="fixes the sample")
     s.set_defaults(fn=_generate)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching and a chat page",
+                       description="Example: zerotune serve runs/gpt_sft --port 8000, then open "
+                       "http://127.0.0.1:8000/ or point an OpenAI client at http://127.0.0.1:8000/v1")
+    s.add_argument("run", help="run folder of a gpt model (pretrained, SFT, LoRA or int8)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
+                   "0.0.0.0 for the network)")
+    s.add_argument("--port", type=whole(0, 65535), default=8000, help="TCP port (0: a free one, printed)")
+    s.add_argument("--max-batch", type=whole(1), default=8, help="sequences generated together (rows of the batch)")
+    s.add_argument("--max-queue", type=whole(0), default=64, help="sequences that may wait; beyond it: HTTP 429")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $ZEROTUNE_API_KEY)")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    s.add_argument("--name", help="the model's name in the API (default: the run folder's name)")
+    s.add_argument("--threads", type=whole(1), help="CPU threads for the model (default: torch's)")
+    s.set_defaults(fn=_serve)
+
+    s = sub.add_parser("chat", help="talk to a decoder run in the terminal (streaming, multi-turn)",
+                       description="Example: zerotune chat runs/gpt_sft --temperature 0. Type a message and Enter; "
+                       "/reset starts over, /exit or Ctrl-D ends. Reads lines from a pipe too.")
+    s.add_argument("run", help="run folder of a gpt model")
+    s.add_argument("--system", help="a system message to start the conversation with")
+    s.add_argument("--max-new-tokens", type=whole(1), default=None, help="per reply (default: the rest of the context)")
+    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    s.add_argument("--top-k", type=whole(1), default=None)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=SEED, default=None, help="fixes the replies (turn i uses seed + i)")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    s.set_defaults(fn=_chat)
 
     s = sub.add_parser("inspect", help="parameters, FLOPs, layer table and memory of a config or run",
                        description="Example: zerotune inspect configs/gpt2_124m.yaml --batch-size 8")

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from zerotune.config import ChatTemplate
 from zerotune.data.chat import TEMPLATE_FILE, chat_prompt_ids, end_token_id, load_chat_template
 from zerotune.data.tokenizer import special_ids
 from zerotune.errors import ZerotuneError
@@ -173,6 +176,73 @@ def generate(
     return out
 
 
+@dataclass
+class Decoder:
+    """A decoder run ready to generate from: the model, its tokenizer and how prompts are made.
+
+    A run instruction-tuned with ``task: sft`` (it holds ``chat_template.json``) renders messages with its
+    template and stops at the template's end marker. Any other run is a plain language model: a text prompt
+    is its tokens (after BOS when the tokenizer has one distinct from EOS), and messages are rendered as
+    plain lines, ``User: …`` / ``Assistant: …`` / ``System: …``, ending in ``Assistant:`` (:data:`PLAIN_CHAT`);
+    generation then also stops where the model starts the next ``User:`` line.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    template: ChatTemplate | None
+    eos_id: int | None
+    pad_id: int | None
+    bos_id: int | None
+    name: str
+
+    @property
+    def block_size(self) -> int:
+        return self.model.config.block_size
+
+    def encode(self, text: str) -> list[int]:
+        """A text prompt's token ids (BOS first when the tokenizer has a BOS that is not also EOS)."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if self.bos_id is not None and self.bos_id != self.eos_id:
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """The generation prompt of a conversation: the chat template's, or the plain format's."""
+        if self.template is not None:
+            return chat_prompt_ids(messages, self.tokenizer, self.template)
+        lines = [f"{PLAIN_CHAT[m['role']]}: {m['content']}" for m in messages]
+        return self.encode("\n".join([*lines, f"{PLAIN_CHAT['assistant']}:"]))
+
+    def chat_stops(self) -> list[str]:
+        """Strings a chat reply ends at, besides the end token: the plain format's next user line."""
+        return [] if self.template is not None else [f"\n{PLAIN_CHAT['user']}:"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+PLAIN_CHAT = {"system": "System", "user": "User", "assistant": "Assistant"}  # a run without a chat template
+
+
+def load_decoder(run: str | Path, device: str | torch.device = "cpu") -> Decoder:
+    """A run's decoder with its tokenizer (and chat template, for an instruction-tuned run).
+
+    Raises:
+        ZerotuneError: the run has no tokenizer, or its model is not a decoder (named).
+    """
+    loaded = load_run(run, device)
+    if loaded.tokenizer is None:
+        raise ZerotuneError("the run has no tokenizer.json; generation needs a text model", path=loaded.run.root)
+    if not hasattr(loaded.model, "new_cache"):
+        raise ZerotuneError(f"model.arch {loaded.meta['model'].get('arch')!r} is not a decoder; generate needs gpt",
+                            path=loaded.run.model_json)
+    tok = loaded.tokenizer
+    ids = special_ids(tok)
+    template = load_chat_template(loaded.run.root) if (loaded.run.root / TEMPLATE_FILE).is_file() else None
+    eos = end_token_id(tok, template) if template is not None else ids["eos"]
+    return Decoder(loaded.model, tok, template, eos, ids["pad"], ids["bos"], loaded.run.root.resolve().name)
+
+
 def generate_text(
     run: str | Path,
     prompts: list[str],
@@ -195,43 +265,27 @@ def generate_text(
         >>> zerotune.generate("runs/pydoc_gpt_tiny", ["The with statement"], max_new_tokens=40, seed=0)
     """
     _check_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)  # before the run is loaded
-    loaded = load_run(run)
-    if loaded.tokenizer is None:
-        raise ZerotuneError("the run has no tokenizer.json; generation needs a text model", path=loaded.run.root)
-    if not hasattr(loaded.model, "new_cache"):
-        raise ZerotuneError(f"model.arch {loaded.meta['model'].get('arch')!r} is not a decoder; generate needs gpt",
-                            path=loaded.run.model_json)
-    tok = loaded.tokenizer
-    ids = special_ids(tok)
-    template = None
-    if (loaded.run.root / TEMPLATE_FILE).is_file():  # an instruction-tuned run: prompts are user turns
-        template = load_chat_template(loaded.run.root)
-        ids = {**ids, "eos": end_token_id(tok, template)}
+    dec = load_decoder(run)
     encoded = []
     for text in prompts:
-        if template is not None:
-            prompt = chat_prompt_ids([{"role": "user", "content": text}], tok, template)
-        else:
-            prompt = tok.encode(text, add_special_tokens=False).ids
-        if template is None and ids["bos"] is not None and ids["bos"] != ids["eos"]:
-            prompt = [ids["bos"], *prompt]
+        prompt = dec.encode_chat([{"role": "user", "content": text}]) if dec.template else dec.encode(text)
         if not prompt:
             raise ZerotuneError("--prompt: the prompt is empty and the tokenizer has no BOS token")
         encoded.append(prompt)
     printed = [0]
 
     def on_token(row: int, tokens: list[int]) -> None:
-        text = tok.decode(tokens, skip_special_tokens=True)
+        text = dec.decode(tokens)
         if len(text) > printed[0] and not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
             stream(text[printed[0]:])
             printed[0] = len(text)
 
     if stream is not None and len(prompts) == 1:
         stream(prompts[0])
-    out = generate(loaded.model, encoded, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   repetition_penalty=repetition_penalty, eos_id=ids["eos"], seed=seed, pad_id=ids["pad"],
+    out = generate(dec.model, encoded, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   repetition_penalty=repetition_penalty, eos_id=dec.eos_id, seed=seed, pad_id=dec.pad_id,
                    stream=on_token if stream is not None and len(prompts) == 1 else None)
-    texts = [tok.decode(t, skip_special_tokens=True) for t in out]
+    texts = [dec.decode(t) for t in out]
     if stream is not None and len(prompts) == 1 and len(texts[0]) > printed[0]:
         stream(texts[0][printed[0]:])
     return texts

@@ -239,6 +239,14 @@ class KVCache:
         self.v[layer, :, :, pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, H_kv, pos+T, h)
 
+    def view(self, rows: slice, start: int = 0) -> KVCache:
+        """The same storage as a cache of the sequences ``rows`` whose position 0 is column ``start``:
+        what is written to the view is written here (a server keeps many sequences in one cache)."""
+        seen = KVCache.__new__(KVCache)
+        seen.k, seen.v = self.k[:, rows, :, start:], self.v[:, rows, :, start:]
+        seen.max_len = self.max_len - start
+        return seen
+
 
 class Attention(nn.Module):
     def __init__(
