@@ -47,7 +47,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     return logits
 
 
-def _check_args(max_new_tokens: int, temperature: float, top_k, top_p, repetition_penalty: float,
+def check_sampling(max_new_tokens: int, temperature: float, top_k, top_p, repetition_penalty: float,
                 seed: int | None = None) -> None:
     """Every sampling value in range (NaN and infinities fail each comparison, so they are refused too)."""
     if not max_new_tokens >= 0:
@@ -105,7 +105,7 @@ def generate(
     Example:
         >>> out = generate(model, [[1, 2, 3], [4]], max_new_tokens=20, temperature=0)
     """
-    _check_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
+    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
     prompts = prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else [list(p) for p in prompt_ids]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ZerotuneError("prompt_ids: every prompt needs at least one token")
@@ -264,7 +264,7 @@ def generate_text(
     Example:
         >>> zerotune.generate("runs/pydoc_gpt_tiny", ["The with statement"], max_new_tokens=40, seed=0)
     """
-    _check_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)  # before the run is loaded
+    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)  # before the run is loaded
     dec = load_decoder(run)
     encoded = []
     for text in prompts:

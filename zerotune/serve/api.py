@@ -12,7 +12,7 @@ from typing import TextIO
 import torch
 
 from zerotune.errors import ZerotuneError
-from zerotune.generate import Decoder, load_decoder
+from zerotune.generate import Decoder, check_sampling, load_decoder
 from zerotune.run import open_run, read_model_json
 from zerotune.serve.engine import Delta, Engine, Finished, Sampling, Sequence
 from zerotune.train.loop import pick_device
@@ -120,6 +120,7 @@ def chat(run: str | Path, *, system: str | None = None, max_new_tokens: int | No
     Example:
         >>> zerotune.chat("runs/gpt_sft", temperature=0)
     """
+    check_sampling(max_new_tokens or 0, temperature, top_k, top_p, 1.0, seed)
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     dec = load_decoder(run, _device(device))
     engine = Engine(dec, max_batch=1, max_queue=1)
