@@ -1,7 +1,8 @@
 """The chat page (GET /) in a real headless Chromium: it names the model, streams the same reply the API gives,
 sends the whole history, stops a stream and keeps what arrived, and shows the server's errors.
 
-The last test saves ``docs/chat_page.png``, the picture the README shows.
+The last test takes a screenshot of a conversation (the README's picture is made the same way by
+``bench/chat_screenshot.py`` from a real instruction-tuned run).
 """
 
 from __future__ import annotations
@@ -24,10 +25,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.serve.conftest import ROOT, Server
+from tests.serve.conftest import Server
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-SCREENSHOT = ROOT / "docs" / "chat_page.png"
 PROMPT = "The with statement"
 DONE = '.assistant[data-done="true"]'
 
@@ -219,12 +219,12 @@ def test_api_key_is_asked_for_kept_and_sent(browser, text_run, model):
         keyed.stop()
 
 
-def test_screenshot_of_a_conversation(page):
+def test_screenshot_of_a_conversation(page, tmp_path):
     settings(page, temperature=0.8, max_tokens=30, seed=0)
     say(page, PROMPT)
     settings(page, temperature=0.8, max_tokens=4, seed=0)
     say(page, "for")
     page.find_element(By.ID, "prompt").send_keys("Tell me about the for statement")
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    assert page.save_screenshot(str(SCREENSHOT))
-    assert SCREENSHOT.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shot = tmp_path / "chat_page.png"
+    assert page.save_screenshot(str(shot))
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
