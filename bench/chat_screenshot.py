@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("run", help="a decoder run folder (an instruction-tuned one reads best)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "chat_page.png"))
     ap.add_argument("--prompt", action="append", help="a user turn (repeatable)")
-    ap.add_argument("--max-tokens", type=int, default=60)
+    ap.add_argument("--max-tokens", type=int, default=40, help="per reply (the history must fit the context)")
     args = ap.parse_args()
     prompts = args.prompt or ["Explain the Python topic with."]
 
@@ -66,7 +66,11 @@ def main() -> None:
         for i, prompt in enumerate(prompts):
             browser.find_element(By.ID, "prompt").send_keys(prompt)
             browser.find_element(By.ID, "send").click()
-            wait.until(lambda d, n=i + 1: len(d.find_elements(By.CSS_SELECTOR, '.assistant[data-done="true"]')) == n)
+            wait.until(lambda d, n=i + 1: len(d.find_elements(By.CSS_SELECTOR, '.assistant[data-done="true"]')) == n
+                       or d.find_element(By.ID, "error").text)
+            problem = browser.find_element(By.ID, "error").text
+            if problem:  # e.g. the history no longer fits the model's context
+                raise SystemExit(f"turn {i + 1}: the page shows an error: {problem}")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         browser.save_screenshot(args.out)
         print(f"saved {args.out}")

@@ -15,12 +15,14 @@ Every command-line verb is a function here::
     zerotune.inspect("configs/digits_mlp.yaml")     # layer table, parameters, FLOPs, memory (a dict)
     zerotune.train_tokenizer("builtin:pydoc", 2048, "runs/tok")            # -> runs/tok/tokenizer.json
     zerotune.prepare("builtin:pydoc", "runs/tok", "runs/pydoc-shards")     # token shards; the counts
+    zerotune.serve("runs/gpt_sft", port=8000)        # the OpenAI API + chat page, until Ctrl-C
+    zerotune.chat("runs/gpt_sft")                    # a conversation in the terminal
     zerotune.demo()                                  # the offline tour into runs/demo/
 
 The verbs are imported on first use (``import zerotune`` itself loads nothing heavy). Their
 errors name Python parameters (``overwrite=True``) where the command line's name its flags
 (``--overwrite``). The names
-``train``, ``finetune``, ``evaluate``, ``generate``, ``inspect``, ``load`` and ``demo`` stay bound to
+``train``, ``finetune``, ``evaluate``, ``generate``, ``inspect``, ``load``, ``serve`` and ``demo`` stay bound to
 the verbs even once the modules of the same name are imported: reach those as
 ``from zerotune.train import loop``.
 """

@@ -243,8 +243,9 @@ def test_a_key_is_required_when_set(text_run):
 def test_a_full_queue_answers_429_and_a_dropped_stream_frees_its_row(slow):
     s = Server(slow, "--max-batch", "1", "--max-queue", "2")
     try:
-        status, answer = post(s.url + "/v1/completions", {"prompt": "x", "max_tokens": 2, "n": 3})
-        assert status == 429 and answer["error"]["code"] == "rate_limit_exceeded"  # 3 places asked, 2 exist
+        status, answer = post(s.url + "/v1/completions", {"prompt": "x", "max_tokens": 2, "n": 4})
+        assert status == 429 and answer["error"]["code"] == "rate_limit_exceeded"  # 4 asked: 1 row + 2 places
+        assert post(s.url + "/v1/completions", {"prompt": "x", "max_tokens": 2, "n": 3})[0] == 200
         # a long stream, dropped after its first chunk
         conn = http.client.HTTPConnection(s.url.removeprefix("http://"), timeout=60)
         conn.request("POST", "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 500, "stream": True,

@@ -133,12 +133,22 @@ def test_a_cancelled_sequence_frees_its_row_when_the_step_ends(decoder):
 def test_the_queue_is_bounded_and_refuses_all_or_nothing(decoder):
     engine = Engine(decoder, max_batch=1, max_queue=3)  # not started: nothing leaves the queue
     s = Sampling(max_tokens=2, temperature=0)
-    engine.submit([Sequence([1], s, Collect()) for _ in range(2)])
+    engine.submit([Sequence([1], s, Collect()) for _ in range(2)])  # one takes the free row, one waits
     with pytest.raises(QueueFull, match="2 requests wait"):
-        engine.submit([Sequence([1], s, Collect()) for _ in range(2)])
+        engine.submit([Sequence([1], s, Collect()) for _ in range(3)])
     assert engine.queued == 2
-    engine.submit([Sequence([1], s, Collect())])
-    assert engine.queued == 3
+    engine.submit([Sequence([1], s, Collect()) for _ in range(2)])  # 1 row + 3 waiting places
+    with pytest.raises(QueueFull):
+        engine.submit([Sequence([1], s, Collect())])
+    assert engine.queued == 4
+
+
+def test_with_no_queue_free_rows_still_take_requests(decoder):
+    engine = Engine(decoder, max_batch=2, max_queue=0)
+    s = Sampling(max_tokens=2, temperature=0)
+    engine.submit([Sequence([1], s, Collect()) for _ in range(2)])
+    with pytest.raises(QueueFull):
+        engine.submit([Sequence([1], s, Collect())])
 
 
 def test_a_stop_string_ends_the_text_before_it(decoder):

@@ -103,7 +103,8 @@ class QueueFull(Exception):
 
 
 class Engine:
-    """Runs sequences on ``decoder``'s model in batches of up to ``max_batch``; at most ``max_queue`` wait.
+    """Runs sequences on ``decoder``'s model in batches of up to ``max_batch``; at most ``max_queue`` wait
+    (beyond the rows that are free).
 
     Example:
         >>> engine = Engine(load_decoder("runs/pydoc_gpt_tiny"), max_batch=8)
@@ -161,7 +162,8 @@ class Engine:
             QueueFull: fewer than ``len(sequences)`` places are left in the queue.
         """
         with self._wake:
-            if len(self.waiting) + len(sequences) > self.max_queue:
+            free = max(0, self.max_batch - len(self.rows))  # rows the first waiting take at the next step
+            if len(self.waiting) + len(sequences) > free + self.max_queue:
                 raise QueueFull(f"the server is busy: {len(self.waiting)} requests wait (--max-queue "
                                 f"{self.max_queue}); try again shortly")
             self.waiting.extend(sequences)
