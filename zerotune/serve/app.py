@@ -20,6 +20,7 @@ one ``data: {chunk}`` per piece of text, then ``data: [DONE]``. A client that go
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import json
@@ -50,6 +51,33 @@ def error(status: int, message: str, kind: str = "invalid_request_error", param:
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
 
 
+class Mailbox:
+    """Events from the engine's thread to the event loop: whatever arrives before the loop runs again
+    is delivered by one wake-up (not one per token per stream)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: collections.deque = collections.deque()
+        self.lock = threading.Lock()
+        self.scheduled = False
+
+    def post(self, queue: asyncio.Queue, item: Any) -> None:
+        with self.lock:
+            self.items.append((queue, item))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server is stopping
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items = self.items, collections.deque()
+            self.scheduled = False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class State:
     """What the routes share: the decoder (once loaded), its engine, the metrics."""
 
@@ -63,6 +91,13 @@ class State:
         self.failed: str | None = None
         self.created = int(time.time())
         self.ready = threading.Event()
+        self._mailbox: Mailbox | None = None
+
+    def mailbox(self) -> Mailbox:
+        """The mailbox of the running event loop (made on the first request)."""
+        if self._mailbox is None:
+            self._mailbox = Mailbox(asyncio.get_running_loop())
+        return self._mailbox
 
     def start(self) -> None:
         """Load the model and start the engine (run in a thread: the server answers /health meanwhile)."""
@@ -235,7 +270,7 @@ async def answer(state: State, request: Request, req, plans: list[tuple[list[int
         except Refused as e:
             field = "messages" if chat and e.field == "prompt" else e.field
             raise BadRequest(f"{field}: {e}", field) from None
-    loop = asyncio.get_running_loop()
+    mailbox = state.mailbox()
     events: asyncio.Queue = asyncio.Queue()
 
     seqs: list[Sequence] = []
@@ -246,8 +281,7 @@ async def answer(state: State, request: Request, req, plans: list[tuple[list[int
                 s = seqs[i]
                 state.metrics.sequence(event.reason, event.prompt_tokens, event.completion_tokens, s.queued_at,
                                        s.first_token_at, time.perf_counter())
-            with contextlib.suppress(RuntimeError):  # the loop is closed: the server is stopping
-                loop.call_soon_threadsafe(events.put_nowait, (i, event))
+            mailbox.post(events, (i, event))
         return emit
 
     seqs += [Sequence(ids, s, emitter(i)) for i, (ids, s) in enumerate(plans)]
@@ -267,19 +301,25 @@ async def answer(state: State, request: Request, req, plans: list[tuple[list[int
                     for i in range(len(seqs)):
                         yield sse(chunk(rid, created, state.name, chat, i, {"role": "assistant", "content": ""}))
                 while open_:
-                    i, event = await events.get()
-                    if isinstance(event, Delta):
-                        if event.text or event.logprobs:
-                            lp = logprob_field(event.logprobs, chat, 0) if event.logprobs else None
-                            yield sse(chunk(rid, created, state.name, chat, i, event.text, lp=lp))
-                        continue
-                    open_.discard(i)
-                    usage["completion_tokens"] += event.completion_tokens
-                    if event.reason == "error":
-                        yield sse({"error": {"message": event.message, "type": "server_error", "param": None,
-                                             "code": None}})
-                        return
-                    yield sse(chunk(rid, created, state.name, chat, i, {} if chat else "", reason=event.reason))
+                    arrived = [await events.get()]
+                    while not events.empty():  # all that came meanwhile goes out in one write
+                        arrived.append(events.get_nowait())
+                    out = []
+                    for i, event in arrived:
+                        if isinstance(event, Delta):
+                            if event.text or event.logprobs:
+                                lp = logprob_field(event.logprobs, chat, 0) if event.logprobs else None
+                                out.append(sse(chunk(rid, created, state.name, chat, i, event.text, lp=lp)))
+                            continue
+                        open_.discard(i)
+                        usage["completion_tokens"] += event.completion_tokens
+                        if event.reason == "error":
+                            yield "".join(out) + sse({"error": {"message": event.message, "type": "server_error",
+                                                                "param": None, "code": None}})
+                            return
+                        out.append(sse(chunk(rid, created, state.name, chat, i, {} if chat else "",
+                                             reason=event.reason)))
+                    yield "".join(out)
                 if include_usage:
                     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
                     yield sse({"id": rid, "object": f"{kind}.chunk" if chat else kind, "created": created,

@@ -86,7 +86,6 @@ class Sequence:
     finish: str | None = None  # why it ended: "stop" or "length" (set by the engine)
     _sent: int = 0  # characters of the decoded text already emitted
     _next: int = 0  # the token the next decode step feeds
-    _counts: torch.Tensor | None = None  # (V,) times each token was generated, for the penalties
     _generator: torch.Generator | None = None
 
 
@@ -238,7 +237,6 @@ class Engine:
         view = self.cache.view(slice(row, row + 1), self.col - n)
         ids = torch.tensor([seq.prompt], device=self.device)
         logits = self.model(ids, cache=view, pos=0)[:, -1].float()  # (1, V): alone, as without a batch
-        seq._counts = torch.zeros(self.vocab, device=self.device)
         seq._generator = torch.Generator(device=self.device)
         if seq.sampling.seed is not None:
             seq._generator.manual_seed(seq.sampling.seed)
@@ -246,7 +244,7 @@ class Engine:
             seq._generator.seed()
         self.rows.append(seq)
         self.starts.append(self.col - n)
-        self._take(seq, logits[0])
+        self._sample([seq], logits)
         if self._done(seq):
             self._release([row])
 
@@ -258,36 +256,60 @@ class Engine:
         pad = torch.tensor(self.starts, device=self.device)  # (n,)
         logits = self.model(ids, cache=self.cache.view(slice(0, n)), pos=self.col, pad=pad)[:, -1].float()
         self.col += 1
-        for i, seq in enumerate(self.rows):
-            if not seq.cancelled:
-                self._take(seq, logits[i])
+        live = [i for i, seq in enumerate(self.rows) if not seq.cancelled]
+        if live:
+            self._sample([self.rows[i] for i in live], logits[live] if len(live) < n else logits)
         if self.on_step is not None:
             self.on_step(n)
         self._release([i for i, s in enumerate(self.rows) if self._done(s)])
 
-    def _take(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Sample seq's next token from its logits (V,), and pass on its text."""
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Sample each sequence's next token from its row of ``logits`` (n, V), and pass on its text.
+
+        Every step is row by row in its math (each row its own penalties, temperature, top-k/top-p and
+        generator), done for all rows at once where the settings allow, as one op per step is cheaper
+        than one per row."""
+        ss = [q.sampling for q in seqs]
+        z = logits
+        if any(s.presence_penalty or s.frequency_penalty for s in ss):
+            counts = torch.stack([torch.bincount(torch.tensor(q.tokens, dtype=torch.long, device=self.device),
+                                                 minlength=self.vocab).to(logits.dtype) for q in seqs])
+            presence = torch.tensor([s.presence_penalty for s in ss], device=self.device)[:, None]
+            frequency = torch.tensor([s.frequency_penalty for s in ss], device=self.device)[:, None]
+            z = z - presence * (counts > 0) - frequency * counts
+        greedy = [s.temperature == 0 for s in ss]
+        chosen = z.argmax(dim=-1).tolist() if any(greedy) else []
+        if not all(greedy):
+            z = z / torch.tensor([s.temperature or 1.0 for s in ss], device=self.device)[:, None]
+            for i, s in enumerate(ss):
+                if not greedy[i] and (s.top_k is not None or s.top_p < 1.0):
+                    z[i] = filter_logits(z[i:i + 1], s.top_k, s.top_p)[0]
+            # inverse CDF: row i draws one uniform u from its own generator and takes the first token whose
+            # cumulative probability exceeds u · total (a token of probability 0 is never taken)
+            cdf = z.softmax(dim=-1).cumsum(dim=-1)  # (n, V)
+            u = torch.cat([torch.rand(1, generator=q._generator, device=self.device) for q in seqs])  # (n,)
+            total = cdf[:, -1]
+            at = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+            drawn = torch.searchsorted(cdf, at[:, None], right=True)[:, 0].tolist()
+            chosen = [chosen[i] if greedy[i] else d for i, d in enumerate(drawn)]
+        logp = logits.log_softmax(dim=-1) if any(s.logprobs is not None for s in ss) else None
+        now = time.perf_counter()
+        for i, (seq, token) in enumerate(zip(seqs, chosen, strict=True)):
+            self._take(seq, token, None if logp is None or ss[i].logprobs is None else logp[i], now)
+
+    def _take(self, seq: Sequence, token: int, logp: torch.Tensor | None, now: float) -> None:
+        """Append ``token`` to seq (or end it there, for an end token) and pass on its text."""
         s = seq.sampling
-        raw = logits
-        if s.presence_penalty or s.frequency_penalty:
-            logits = logits - s.presence_penalty * (seq._counts > 0) - s.frequency_penalty * seq._counts
-        if s.temperature == 0:
-            token = int(logits.argmax())
-        else:
-            z = filter_logits(logits[None] / s.temperature, s.top_k, s.top_p)
-            token = int(torch.multinomial(z.softmax(dim=-1), 1, generator=seq._generator)[0, 0])
         if seq.first_token_at is None:
-            seq.first_token_at = time.perf_counter()
+            seq.first_token_at = now
         if token in self._stop_ids:
             seq.finish = "stop"
             self._flush(seq, [], None)
             return
         seq.tokens.append(token)
-        seq._counts[token] += 1
         seq._next = token
         lp = None
-        if s.logprobs is not None:
-            logp = raw.log_softmax(dim=-1)
+        if logp is not None:
             top = torch.topk(logp, min(s.logprobs, self.vocab)) if s.logprobs else None
             alts = [] if top is None else [(self.decoder.decode([int(t)]), float(v))
                                           for v, t in zip(top.values, top.indices, strict=True)]
