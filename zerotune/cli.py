@@ -223,7 +223,7 @@ def _chat(a: argparse.Namespace) -> int:
     from zerotune.serve.api import chat
 
     chat(a.run, system=a.system, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-         top_p=a.top_p, seed=a.seed, device=a.device)
+         top_p=a.top_p, repetition_penalty=a.repetition_penalty, seed=a.seed, device=a.device)
     return 0
 
 
@@ -399,6 +399,7 @@ def build_parser() -> Parser:
     s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     s.add_argument("--top-k", type=whole(1), default=None)
     s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
     s.add_argument("--seed", type=SEED, default=None, help="fixes the replies (turn i uses seed + i)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     s.set_defaults(fn=_chat)

@@ -52,7 +52,8 @@ def plans(decoder):
         ids = decoder.encode(text)
         room = decoder.block_size - len(ids)
         greedy = Sampling(max_tokens=min(room, 20 + 9 * i), temperature=0)
-        sampled = Sampling(max_tokens=min(room, 70 - 7 * i), temperature=1.0, top_k=40, top_p=0.95, seed=i)
+        sampled = Sampling(max_tokens=min(room, 70 - 7 * i), temperature=1.0, top_k=40, top_p=0.95, seed=i,
+                           presence_penalty=0.5 * (i % 2), repetition_penalty=1.0 + 0.2 * (i % 3))
         out += [(ids, greedy), (ids, sampled)]
     return out
 
@@ -64,6 +65,14 @@ def test_greedy_alone_matches_zerotune_generate(decoder):
     assert alone.tokens == reference
     assert alone.text == decoder.decode(reference)
     assert alone.end.reason == "length" and alone.end.completion_tokens == 40
+
+
+def test_the_repetition_penalty_is_zerotune_generates(decoder):
+    ids = decoder.encode("The with statement")
+    alone = run_alone(decoder, ids, Sampling(max_tokens=40, temperature=0, repetition_penalty=1.5))
+    plain = run_alone(decoder, ids, Sampling(max_tokens=40, temperature=0))
+    reference = generate(decoder.model, [ids], 40, temperature=0, repetition_penalty=1.5, eos_id=decoder.eos_id)[0]
+    assert alone.tokens == reference != plain.tokens
 
 
 def test_every_sequence_gets_its_tokens_alone_inside_a_changing_batch(decoder):

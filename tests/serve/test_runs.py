@@ -172,3 +172,16 @@ def test_a_port_in_use_is_one_line_and_exit_2(server, text_run):
     assert done.returncode == 2
     assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in done.stderr.strip().splitlines()[-1]
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_damaged_weights_stop_the_server_with_exit_2(text_run, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(text_run, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    done = zerotune("serve", str(broken), "--port", "0", timeout=120)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert done.stdout.startswith("serving broken on http://127.0.0.1:")  # it listened, then the load failed
+    assert "model.safetensors" in done.stderr.strip().splitlines()[-1]

@@ -109,8 +109,8 @@ HELP = "/reset starts a new conversation, /exit (or Ctrl-D) ends it"
 
 
 def chat(run: str | Path, *, system: str | None = None, max_new_tokens: int | None = None, temperature: float = 0.8,
-         top_k: int | None = None, top_p: float = 1.0, seed: int | None = None, device: str = "auto",
-         stdin: TextIO | None = None, stdout: TextIO | None = None) -> list[dict[str, str]]:
+         top_k: int | None = None, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+         device: str = "auto", stdin: TextIO | None = None, stdout: TextIO | None = None) -> list[dict[str, str]]:
     """A conversation with a decoder run in the terminal: each line read is a user turn, the reply streams
     back; the history goes through the run's chat template (or the plain format of
     :class:`zerotune.generate.Decoder`). ``/reset`` forgets the history, ``/exit`` or end of input stops.
@@ -122,7 +122,7 @@ def chat(run: str | Path, *, system: str | None = None, max_new_tokens: int | No
     Example:
         >>> zerotune.chat("runs/gpt_sft", temperature=0)
     """
-    check_sampling(max_new_tokens or 0, temperature, top_k, top_p, 1.0, seed)
+    check_sampling(max_new_tokens or 0, temperature, top_k, top_p, repetition_penalty, seed)
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     dec = load_decoder(run, _device(device))
     engine = Engine(dec, max_batch=1, max_queue=1)
@@ -160,7 +160,8 @@ def chat(run: str | Path, *, system: str | None = None, max_new_tokens: int | No
             budget = max_new_tokens or dec.block_size - len(ids)
             budget = min(budget, dec.block_size - len(ids))
             s = Sampling(max_tokens=budget, temperature=temperature, top_k=top_k, top_p=top_p,
-                         seed=None if seed is None else seed + turn, stop=tuple(dec.chat_stops()))
+                         repetition_penalty=repetition_penalty, seed=None if seed is None else seed + turn,
+                         stop=tuple(dec.chat_stops()))
             if interactive:
                 say("bot> ")
             reply = _stream(engine, ids, s, stdout)

@@ -5,7 +5,8 @@
     GET  /metrics               Prometheus text (zerotune.serve.metrics)
     GET  /v1/models             the one model served
     POST /v1/completions        OpenAI completions: prompt, max_tokens (default 16), temperature, top_p,
-                                top_k, n, stop, seed, stream, logprobs, presence/frequency_penalty
+                                top_k, n, stop, seed, stream, logprobs, presence/frequency_penalty,
+                                repetition_penalty (an extension, as zerotune generate)
     POST /v1/chat/completions   OpenAI chat completions: messages (rendered by the run's chat template),
                                 max_tokens / max_completion_tokens (default: the rest of the context),
                                 logprobs + top_logprobs, and the fields above
@@ -229,7 +230,8 @@ async def models(state: State, request: Request) -> Response:
 def sampling(req, max_tokens: int, seed_offset: int, logprobs: int | None, stops: tuple[str, ...]) -> Sampling:
     return Sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                     seed=None if req.seed is None else (req.seed + seed_offset) % 2**63, stop=stops,
-                    presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, logprobs=logprobs)
+                    presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                    repetition_penalty=req.repetition_penalty, logprobs=logprobs)
 
 
 def check_model(state: State, req) -> None:

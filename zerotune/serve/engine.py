@@ -50,6 +50,7 @@ class Sampling:
     stop: tuple[str, ...] = ()  # the text ends before the first of these strings
     presence_penalty: float = 0.0  # z_t −= presence · [t generated before] + frequency · (times generated)
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # CTRL's, as ``zerotune generate``: over the prompt and the tokens so far
     logprobs: int | None = None  # None: none; k ≥ 0: the chosen token's log-probability and the k most likely
 
 
@@ -277,6 +278,14 @@ class Engine:
             presence = torch.tensor([s.presence_penalty for s in ss], device=self.device)[:, None]
             frequency = torch.tensor([s.frequency_penalty for s in ss], device=self.device)[:, None]
             z = z - presence * (counts > 0) - frequency * counts
+        for i, (q, s) in enumerate(zip(seqs, ss, strict=True)):
+            if s.repetition_penalty != 1.0:  # z ← z / r where z > 0, else z · r, for every token seen
+                seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
+                seen[torch.tensor(q.prompt + q.tokens, dtype=torch.long, device=self.device)] = True
+                row = z[i]
+                z = z.clone() if z is logits else z
+                z[i] = torch.where(seen, torch.where(row > 0, row / s.repetition_penalty,
+                                                     row * s.repetition_penalty), row)
         greedy = [s.temperature == 0 for s in ss]
         chosen = z.argmax(dim=-1).tolist() if any(greedy) else []
         if not all(greedy):

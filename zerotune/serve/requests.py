@@ -2,7 +2,8 @@
 
 A field of the wrong type, out of range or unknown is refused with the field's name; nothing is coerced
 (``"max_tokens": "10"`` is an error, as it is for the OpenAI API). Extensions: ``top_k`` (keep the k most
-likely tokens), and ``seed`` also fixes a sampled reply (choice j of ``n`` uses seed + j).
+likely tokens), ``repetition_penalty`` (CTRL's, as ``zerotune generate``), and ``seed`` also fixes a
+sampled reply (choice j of ``n`` uses seed + j).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Common(Strict):
     seed: int | None = Field(None, ge=0, lt=2**63)
     presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
     frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    repetition_penalty: float = Field(1.0, gt=0, le=10, allow_inf_nan=False)
     user: str | None = None
 
     @field_validator("stop", mode="before")
