@@ -140,3 +140,13 @@ def test_a_hugging_face_index_names_files_in_its_folder(tmp_path, weight_map, me
     files.write_json(tmp_path / "model.safetensors.index.json", {"weight_map": weight_map})
     with pytest.raises(ZerotuneError, match=re.escape(message)):
         read_weights(tmp_path)
+
+
+@pytest.mark.parametrize("data", [b"M", b"J\x01", b"K", b"\x80\x02M\x01"])
+def test_a_pickle_cut_inside_an_opcode_is_one_clear_error(tmp_path, data):
+    """The weights-only unpickler reads an opcode's argument with struct.unpack; cut short, that raises
+    struct.error, which must become the same one-line error as any other damaged file."""
+    path = tmp_path / "state.pt"
+    path.write_bytes(data)
+    with pytest.raises(ZerotuneError, match="cannot be loaded safely"):
+        files.load_torch(path)

@@ -29,6 +29,7 @@ import json
 import os
 import pickle
 import shutil
+import struct
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -222,7 +223,8 @@ def load_torch(path: str | Path, device: str | torch.device = "cpu") -> Any:
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError, LookupError,
-            MemoryError, OverflowError) as e:  # what torch's weights-only unpickler raises on a damaged file
+            MemoryError, OverflowError, struct.error) as e:  # what torch's weights-only unpickler raises on a
+        # damaged file (struct.error: an opcode cut short, e.g. b"M", BININT2 without its 2 bytes)
         raise ZerotuneError(f"cannot be loaded safely ({first_line(e)})", path=path) from None
 
 
