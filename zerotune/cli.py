@@ -241,6 +241,15 @@ def _compressed_run_args(s: argparse.ArgumentParser, default_out: str) -> None:
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
 
+def add_sampling(s: argparse.ArgumentParser, temperature: float, top_p: float | None, seed_help: str) -> None:
+    """The sampling flags of the verbs that generate text (checked by ``zerotune.generate.check_sampling``)."""
+    s.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    s.add_argument("--top-k", type=whole(1), default=None)
+    s.add_argument("--top-p", type=float, default=top_p)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--seed", type=SEED, default=None, help=seed_help)
+
+
 def build_parser() -> Parser:
     p = Parser(prog="zerotune", description="Develop neural networks and language models from scratch "
                "and fine-tune them.")
@@ -368,11 +377,7 @@ def build_parser() -> Parser:
     s.add_argument("--prompt", help="the prompt text (the prompt, then the completion, stream to stdout)")
     s.add_argument("--prompts", metavar="FILE", help="one prompt per line; prints one JSON object per prompt")
     s.add_argument("--max-new-tokens", type=whole(0), default=100)
-    s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    s.add_argument("--top-k", type=whole(1), default=None)
-    s.add_argument("--top-p", type=float, default=None)
-    s.add_argument("--repetition-penalty", type=float, default=1.0)
-    s.add_argument("--seed", type=SEED, default=None, help="fixes the sample")
+    add_sampling(s, temperature=1.0, top_p=None, seed_help="fixes the sample")
     s.set_defaults(fn=_generate)
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching and a chat page",
@@ -396,11 +401,7 @@ def build_parser() -> Parser:
     s.add_argument("run", help="run folder of a gpt model")
     s.add_argument("--system", help="a system message to start the conversation with")
     s.add_argument("--max-new-tokens", type=whole(1), default=None, help="per reply (default: the rest of the context)")
-    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    s.add_argument("--top-k", type=whole(1), default=None)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--repetition-penalty", type=float, default=1.0)
-    s.add_argument("--seed", type=SEED, default=None, help="fixes the replies (turn i uses seed + i)")
+    add_sampling(s, temperature=0.8, top_p=1.0, seed_help="fixes the replies (turn i uses seed + i)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     s.set_defaults(fn=_chat)
 

@@ -129,6 +129,11 @@ def test_n_choices_stop_strings_and_logprobs(server):
     lp = body["choices"][0]["logprobs"]
     assert len(lp["tokens"]) == 40 and "".join(lp["tokens"]) == texts[0]
     assert all(v <= 0 for v in lp["token_logprobs"]) and all(len(t) == 2 for t in lp["top_logprobs"])
+    text, chunks = stream(server.url + "/v1/completions", {"prompt": "The", "max_tokens": 40, "temperature": 1.0,
+                                                          "seed": 3, "logprobs": 2})
+    streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    assert text == texts[0]  # the same sample streamed
+    assert sum((x["text_offset"] for x in streamed), []) == lp["text_offset"]  # offsets run across chunks
     stop = texts[0][5:8]
     status, cut = post(server.url + "/v1/completions", {"prompt": "The", "max_tokens": 40, "temperature": 1.0,
                                                         "seed": 3, "stop": [stop]})

@@ -47,9 +47,15 @@ from zerotune.serve.requests import BadRequest, ChatRequest, CompletionRequest, 
 MAX_BODY = 1 << 20  # bytes of a request body
 
 
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    """OpenAI's error object, as a response body or a stream's last event."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
 def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
           code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+    return JSONResponse(error_body(message, kind, param, code), status)
 
 
 class Mailbox:
@@ -291,13 +297,15 @@ async def answer(state: State, request: Request, req, plans: list[tuple[list[int
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     kind = "chat.completion" if chat else "text_completion"
+    prompt_tokens = sum(len(ids) for ids, _ in plans[:: req.n])  # each prompt once, not once per choice
 
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
 
         async def stream() -> AsyncIterator[str]:
             open_ = set(range(len(seqs)))
-            usage = {"prompt_tokens": sum(len(ids) for ids, _ in plans[:: req.n]), "completion_tokens": 0}
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 0}
+            sent = [0] * len(seqs)  # characters of each choice's text sent so far (completions' text_offset)
             try:
                 if chat:
                     for i in range(len(seqs)):
@@ -310,14 +318,14 @@ async def answer(state: State, request: Request, req, plans: list[tuple[list[int
                     for i, event in arrived:
                         if isinstance(event, Delta):
                             if event.text or event.logprobs:
-                                lp = logprob_field(event.logprobs, chat, 0) if event.logprobs else None
+                                lp = logprob_field(event.logprobs, chat, sent[i]) if event.logprobs else None
                                 out.append(sse(chunk(rid, created, state.name, chat, i, event.text, lp=lp)))
+                                sent[i] += sum(len(t) for t, _, _ in event.logprobs or [])
                             continue
                         open_.discard(i)
                         usage["completion_tokens"] += event.completion_tokens
                         if event.reason == "error":
-                            yield "".join(out) + sse({"error": {"message": event.message, "type": "server_error",
-                                                                "param": None, "code": None}})
+                            yield "".join(out) + sse(error_body(event.message, kind="server_error"))
                             return
                         out.append(sse(chunk(rid, created, state.name, chat, i, {} if chat else "",
                                              reason=event.reason)))
@@ -363,7 +371,6 @@ async def answer(state: State, request: Request, req, plans: list[tuple[list[int
         lp = logprob_field(lps[i], chat, 0) if plans[i][1].logprobs is not None else None
         body = {"message": {"role": "assistant", "content": texts[i]}} if chat else {"text": texts[i]}
         choices.append({"index": i, **body, "logprobs": lp, "finish_reason": ends[i].reason})
-    prompt_tokens = sum(len(ids) for ids, _ in plans[:: req.n])
     completion_tokens = sum(e.completion_tokens for e in ends.values())
     return JSONResponse({"id": rid, "object": kind, "created": created, "model": state.name, "choices": choices,
                          "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
